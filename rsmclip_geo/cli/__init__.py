@@ -1,0 +1,70 @@
+"""`rsmclip-geo` command line: argument parsing, logging flags and clear one-line errors.
+
+Each group of commands lives in its own module with ``register(subparsers)``; every command
+sets ``func`` to a callable taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rsmclip_geo import __version__
+from rsmclip_geo.errors import RsmclipError
+
+log = logging.getLogger("rsmclip_geo")
+
+COMMAND_MODULES = ("rsmclip_geo.cli.model_commands", "rsmclip_geo.cli.search_commands")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every registered command."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="rsmclip-geo",
+        description="Multilingual text search over aerial and satellite imagery (RS-M-CLIP).",
+    )
+    parser.add_argument("--version", action="version", version=f"rsmclip-geo {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    """Log to stderr: warnings by default, info with -v, debug with -vv, errors only with -q."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `rsmclip-geo` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except RsmclipError as exc:
+        print(f"rsmclip-geo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rsmclip-geo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
