@@ -1,0 +1,545 @@
+"""The search dock: layer and model pickers, tiling settings, indexing, queries and results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsTask
+from qgis.gui import QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import deps
+from .settings import PanelSettings
+
+TITLE = "RS-M-CLIP Search"
+
+
+class SearchDock(QDockWidget):
+    """Dock panel; all work is delegated to the rsmclip_geo core through tasks.py / layers.py."""
+
+    def __init__(self, iface, parent=None):
+        super().__init__(TITLE, parent)
+        self.setObjectName("RsmclipSearchDock")
+        self.iface = iface
+        self.settings = PanelSettings.load()
+        self.index_task: QgsTask | None = None
+        self.search_task: QgsTask | None = None
+        self.install_task: QgsTask | None = None
+        self.models: dict = {}  # (bundle spec, threads) -> loaded Model
+        self.model = None  # the model of the current index
+        self.index = None  # TileIndex of the indexed layer
+        self.indexed_layer: QgsRasterLayer | None = None
+        self.current_hits: list = []
+        self.result_layer = None
+        self._build()
+        self._restore(self.settings)
+        self.check_dependencies()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        body = QWidget()
+        main = QVBoxLayout(body)
+
+        self.deps_box = QGroupBox("Missing dependencies")
+        deps_layout = QVBoxLayout(self.deps_box)
+        self.deps_label = QLabel()
+        self.deps_label.setWordWrap(True)
+        self.deps_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.install_button = QPushButton("Install with pip into the plugin folder")
+        self.install_button.clicked.connect(self.install_dependencies)
+        deps_layout.addWidget(self.deps_label)
+        deps_layout.addWidget(self.install_button)
+        main.addWidget(self.deps_box)
+
+        index_box = QGroupBox("Index a raster layer")
+        form = QFormLayout(index_box)
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        form.addRow("Raster layer", self.layer_combo)
+        model_row = QHBoxLayout()
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Model bundle: a bundled model, or a bundle directory")
+        self.model_browse = QPushButton("…")
+        self.model_browse.setToolTip("Choose a bundle directory")
+        self.model_browse.setMaximumWidth(32)
+        self.model_browse.clicked.connect(self.browse_model)
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.model_browse)
+        form.addRow("Model", model_row)
+        tile_row = QHBoxLayout()
+        self.tile_size = QDoubleSpinBox()
+        self.tile_size.setRange(1, 100000)
+        self.tile_size.setDecimals(1)
+        self.tile_unit = QComboBox()
+        self.tile_unit.addItem("pixels", "px")
+        self.tile_unit.addItem("metres", "m")
+        tile_row.addWidget(self.tile_size, 1)
+        tile_row.addWidget(self.tile_unit)
+        form.addRow("Tile size", tile_row)
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.9)
+        self.overlap.setSingleStep(0.1)
+        self.overlap.setDecimals(2)
+        self.overlap.setToolTip("Fraction of the tile size shared by neighbouring tiles")
+        form.addRow("Overlap", self.overlap)
+        self.scales = QLineEdit()
+        self.scales.setToolTip("Comma-separated multiples of the tile size, e.g. 1,2")
+        form.addRow("Scales", self.scales)
+        self.threads = QSpinBox()
+        self.threads.setRange(0, 256)
+        self.threads.setSpecialValueText("auto")
+        self.threads.setToolTip("Threads for ONNX Runtime and the raster readers (auto = all cores)")
+        form.addRow("Threads", self.threads)
+        buttons = QHBoxLayout()
+        self.index_button = QPushButton("Index layer")
+        self.index_button.clicked.connect(self.start_indexing)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel_indexing)
+        buttons.addWidget(self.index_button)
+        buttons.addWidget(self.cancel_button)
+        form.addRow(buttons)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        form.addRow(self.progress)
+        self.status = QLabel("Not indexed")
+        self.status.setWordWrap(True)
+        form.addRow(self.status)
+        main.addWidget(index_box)
+
+        search_box = QGroupBox("Search")
+        search = QVBoxLayout(search_box)
+        query_row = QHBoxLayout()
+        self.query = QLineEdit()
+        self.query.setPlaceholderText("aeroporto, campo de golf, 储油罐 … (Enter searches)")
+        self.query.returnPressed.connect(self.start_search)
+        self.search_button = QPushButton("Search")
+        self.search_button.clicked.connect(self.start_search)
+        query_row.addWidget(self.query, 1)
+        query_row.addWidget(self.search_button)
+        search.addLayout(query_row)
+        options = QHBoxLayout()
+        self.top_k = QSpinBox()
+        self.top_k.setRange(1, 10000)
+        self.top_k.setPrefix("top ")
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(-1.0, 1.0)
+        self.threshold.setSingleStep(0.01)
+        self.threshold.setDecimals(3)
+        self.threshold.setPrefix("score ≥ ")
+        self.heatmap = QCheckBox("Heatmap")
+        self.heatmap.setToolTip("Also add a score heatmap raster for each query")
+        options.addWidget(self.top_k)
+        options.addWidget(self.threshold)
+        options.addWidget(self.heatmap)
+        search.addLayout(options)
+        self.results = QTreeWidget()
+        self.results.setColumnCount(3)
+        self.results.setHeaderLabels(["Rank", "Score", "Tile"])
+        self.results.setRootIsDecorated(False)
+        self.results.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.results.itemClicked.connect(self.zoom_to_item)
+        search.addWidget(self.results, 1)
+        result_buttons = QHBoxLayout()
+        self.zoom_best_button = QPushButton("Zoom to best")
+        self.zoom_best_button.clicked.connect(self.zoom_to_best)
+        self.similar_button = QPushButton("Find similar")
+        self.similar_button.setToolTip("Search for tiles like the selected result")
+        self.similar_button.clicked.connect(self.start_similar)
+        self.export_button = QPushButton("Export GeoJSON…")
+        self.export_button.clicked.connect(self.export_geojson)
+        for button in (self.zoom_best_button, self.similar_button, self.export_button):
+            result_buttons.addWidget(button)
+        search.addLayout(result_buttons)
+        main.addWidget(search_box, 1)
+        self.setWidget(body)
+
+    # ---------------------------------------------------------------- settings
+    def _restore(self, s: PanelSettings) -> None:
+        self.tile_size.setValue(s.tile_size)
+        self.tile_unit.setCurrentIndex(max(0, self.tile_unit.findData(s.tile_unit)))
+        self.overlap.setValue(s.overlap)
+        self.scales.setText(s.scales)
+        self.threads.setValue(s.threads)
+        self.top_k.setValue(s.top_k)
+        self.threshold.setValue(s.threshold)
+        self.heatmap.setChecked(s.heatmap)
+
+    def current_settings(self) -> PanelSettings:
+        """The panel's widgets as settings (also what indexing and search use)."""
+        return PanelSettings(
+            model=self.model_combo.currentData() or "",
+            tile_size=self.tile_size.value(),
+            tile_unit=self.tile_unit.currentData(),
+            overlap=self.overlap.value(),
+            scales=self.scales.text().strip() or "1",
+            threads=self.threads.value(),
+            top_k=self.top_k.value(),
+            threshold=self.threshold.value(),
+            heatmap=self.heatmap.isChecked(),
+            export_dir=self.settings.export_dir,
+        )
+
+    def save_settings(self) -> None:
+        self.settings = self.current_settings()
+        self.settings.save()
+
+    # ------------------------------------------------------------ dependencies
+    def check_dependencies(self) -> bool:
+        """Show the dependency box when something is missing; enable the panel otherwise."""
+        missing = deps.missing_dependencies()
+        self.deps_box.setVisible(bool(missing))
+        for widget in (self.index_button, self.search_button, self.query):
+            widget.setEnabled(not missing)
+        if not missing:
+            self.refresh_models()
+            return True
+        lines = [f"<b>{dep.module}</b>: {dep.hint}" for dep in missing]
+        requirements = deps.pip_requirements(missing)
+        if requirements:
+            lines.append(f"The button runs pip to install {', '.join(requirements)} into {deps.PACKAGES_DIR}.")
+        self.deps_label.setText("The panel needs:<br>" + "<br>".join(lines))
+        self.install_button.setVisible(bool(requirements))
+        return False
+
+    def install_dependencies(self) -> None:
+        """Install the missing pip-installable packages in the background."""
+        requirements = deps.pip_requirements(deps.missing_dependencies())
+        if not requirements or self.install_task is not None:
+            return
+
+        def work(progress, is_cancelled):
+            return deps.install(requirements)
+
+        self.install_button.setEnabled(False)
+        self.deps_label.setText(f"Installing {', '.join(requirements)} with pip …")
+        self.install_task = self._run_task("Installing RS-M-CLIP Search dependencies", work, self._install_done)
+
+    def _install_done(self, task) -> None:
+        self.install_task = None
+        self.install_button.setEnabled(True)
+        done = task.result
+        if task.error is not None:
+            self.message(f"Installing dependencies failed: {task.error}", Qgis.Critical)
+        elif done.returncode != 0:
+            lines = (done.stderr or done.stdout or "no output").strip().splitlines()
+            self.message(f"pip failed (exit {done.returncode}): {lines[-1]}", Qgis.Critical)
+        if self.check_dependencies():
+            self.message("Dependencies installed", Qgis.Success)
+
+    # ------------------------------------------------------------------ helpers
+    def message(self, text: str, level=Qgis.Info) -> None:
+        """Show ``text`` in QGIS's message bar (errors stay until closed)."""
+        duration = 0 if level == Qgis.Critical else 5
+        self.iface.messageBar().pushMessage(TITLE, text, level=level, duration=duration)
+
+    def _run_task(self, description: str, work, on_done) -> QgsTask:
+        from .tasks import CoreTask
+
+        task = CoreTask(description, work, on_done)
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def shutdown(self) -> None:
+        """Cancel running work and store the settings (plugin unload)."""
+        for task in (self.index_task, self.search_task):
+            if task is not None:
+                task.cancel()
+        self.save_settings()
+
+    # ------------------------------------------------------------------ models
+    def refresh_models(self) -> None:
+        """Fill the model picker with the bundles the core finds, keeping the stored choice."""
+        from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
+
+        wanted = self.model_combo.currentData() or self.settings.model
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for path in find_bundles():
+            self.model_combo.addItem(f"{path.name} (default)" if path.name == DEFAULT_MODEL else path.name, str(path))
+        if wanted and self.model_combo.findData(wanted) < 0:
+            self.model_combo.addItem(Path(wanted).name, wanted)
+        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(wanted)))
+        self.model_combo.blockSignals(False)
+
+    def browse_model(self) -> None:
+        """Pick a bundle directory (image.onnx, text.onnx, tokenizer.json, bundle.json)."""
+        folder = QFileDialog.getExistingDirectory(self, "Model bundle directory", self.model_combo.currentData() or "")
+        if folder:
+            self.select_model(folder)
+
+    def select_model(self, spec: str) -> None:
+        """Select a bundle by directory (added to the picker if needed)."""
+        if self.model_combo.findData(spec) < 0:
+            self.model_combo.addItem(Path(spec).name, spec)
+        self.model_combo.setCurrentIndex(self.model_combo.findData(spec))
+
+    def model_for(self, spec: str, threads: int):
+        """The loaded model for a bundle spec ("" = default), kept for later queries (worker
+        thread; one task runs at a time)."""
+        from rsmclip_geo.encoders import load_model
+
+        key = (spec, threads)
+        if key not in self.models:
+            self.models[key] = load_model(spec or None, threads=threads or None)
+        return self.models[key]
+
+    # ---------------------------------------------------------------- indexing
+    def start_indexing(self) -> None:
+        """Index the chosen raster layer in a QgsTask (the core's cache is reused when the same
+        layer was indexed with the same model and tiling)."""
+        from rsmclip_geo.errors import RsmclipError
+
+        if self.index_task is not None:
+            return
+        layer = self.layer_combo.currentLayer()
+        try:
+            path = raster_path(layer)
+            settings = self.current_settings()
+            tiling = tiling_params(settings)
+        except RsmclipError as exc:
+            self.message(str(exc), Qgis.Critical)
+            return
+        self.save_settings()
+        bands = rendered_bands(layer)
+        threads = settings.threads or None
+
+        def work(progress, cancel):
+            from rsmclip_geo.api import cached_index
+
+            model = self.model_for(settings.model, settings.threads)
+            return model, cached_index(
+                path, model=model, tiling=tiling, bands=bands, progress=progress, cancel=cancel, threads=threads
+            )
+
+        self.index = None
+        self.indexed_layer = layer
+        self.progress.setValue(0)
+        self.status.setText(f"Indexing {layer.name()} …")
+        self.index_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.index_task = self._run_task(f"Indexing {layer.name()} (RS-M-CLIP)", work, self._indexing_done)
+        self.index_task.progressChanged.connect(lambda value: self.progress.setValue(round(value)))
+
+    def cancel_indexing(self) -> None:
+        if self.index_task is not None:
+            self.index_task.cancel()
+            self.status.setText("Cancelling …")
+
+    def _indexing_done(self, task) -> None:
+        self.index_task = None
+        self.index_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if task.cancelled:
+            self.progress.setValue(0)
+            self.status.setText("Indexing cancelled; finished batches are kept and resumed next time")
+            return
+        if task.error is not None:
+            self.status.setText("Indexing failed")
+            self.report_error(task)
+            return
+        self.model, self.index = task.result
+        self.progress.setValue(100)
+        self.status.setText(f"{self.indexed_layer.name()}: {len(self.index)} tiles indexed ({self.index.path.name})")
+
+    def report_error(self, task) -> None:
+        """The core's one-line message for RsmclipError, the exception otherwise."""
+        from rsmclip_geo.errors import RsmclipError
+
+        error = task.error
+        text = str(error) if isinstance(error, RsmclipError) else f"{type(error).__name__}: {error}"
+        self.message(text, Qgis.Critical)
+
+    # ------------------------------------------------------------------ search
+    def start_search(self) -> None:
+        """Search the index for the query text (Enter in the query box)."""
+        query = self.query.text().strip()
+        if not query:
+            self.message("Type a query, e.g. 'aeroporto' or 'storage tanks'", Qgis.Warning)
+            return
+        self._search(query, lambda index, model, s: self._text_hits(index, model, query, s), query)
+
+    def start_similar(self) -> None:
+        """Search for tiles like the selected result tile."""
+        item = self.results.currentItem()
+        if item is None:
+            self.message("Select a result tile first, then Find similar", Qgis.Warning)
+            return
+        tile_id = item.data(0, Qt.UserRole)
+        hit = next(h for h in self.current_hits if h.tile_id == tile_id)
+        name = f"similar to #{hit.rank} of {hit.query}"
+        self._search(name, lambda index, model, s: self._similar_hits(index, model, tile_id, s), name)
+
+    @staticmethod
+    def _text_hits(index, model, query: str, s: PanelSettings):
+        from rsmclip_geo.search import search_index
+
+        return search_index(index, query, model=model, top_k=s.top_k, threshold=s.threshold)
+
+    @staticmethod
+    def _similar_hits(index, model, tile_id: str, s: PanelSettings):
+        from rsmclip_geo.search import similar
+
+        return similar(index, tile_id=tile_id, model=model, top_k=s.top_k, threshold=s.threshold)
+
+    def _search(self, name: str, find, query_for_heatmap: str | None) -> None:
+        if self.index is None:
+            self.message("Index a raster layer first (Index layer)", Qgis.Warning)
+            return
+        if self.search_task is not None:
+            return
+        settings = self.current_settings()
+        self.save_settings()
+        index, model = self.index, self.model
+
+        def work(progress, cancel):
+            hits = find(index, model, settings)
+            heatmap = self._write_heatmap(index, model, hits, name) if settings.heatmap else None
+            return hits, heatmap
+
+        self.search_button.setEnabled(False)
+        self.similar_button.setEnabled(False)
+        self.search_task = self._run_task(f"Searching '{name}' (RS-M-CLIP)", work, lambda t: self._search_done(t, name))
+
+    def _write_heatmap(self, index, model, hits, name: str) -> Path:
+        """The core's score heatmap for the query behind ``hits`` (worker thread)."""
+        raise NotImplementedError
+
+    def _search_done(self, task, name: str) -> None:
+        self.search_task = None
+        self.search_button.setEnabled(True)
+        self.similar_button.setEnabled(True)
+        if task.error is not None:
+            self.report_error(task)
+            return
+        if task.cancelled:
+            return
+        hits, heatmap = task.result
+        self.show_hits(name, hits, heatmap)
+
+    def show_hits(self, name: str, hits, heatmap: Path | None) -> None:
+        """Add the hits as a layer above the indexed raster and list them."""
+        from .layers import add_above, heatmap_layer, hits_layer
+
+        scene = next(iter(self.index.scenes.values()))
+        rings = [self.index.scene_footprint(self.index.row_of(hit.tile_id)) for hit in hits]
+        layer = hits_layer(hits, rings, scene["crs"], name)
+        if heatmap is not None:
+            add_above(heatmap_layer(heatmap, f"{name} heatmap"), self.indexed_layer)
+        add_above(layer, self.indexed_layer)
+        self.result_layer = layer
+        self.current_hits = list(hits)
+        self.results.clear()
+        for hit in hits:
+            item = QTreeWidgetItem([str(hit.rank), f"{hit.score:.3f}", hit.tile_id])
+            item.setData(0, Qt.UserRole, hit.tile_id)
+            self.results.addTopLevelItem(item)
+        if not hits:
+            self.message(f"No tile scores above {self.threshold.value():.3f} for '{name}'", Qgis.Info)
+
+    # ----------------------------------------------------------- results, export
+    def zoom_to_item(self, item: QTreeWidgetItem) -> None:
+        """Zoom the map to the clicked result tile."""
+        from .layers import zoom_to
+
+        rank = int(item.text(0))
+        for feature in self.result_layer.getFeatures():
+            if feature["rank"] == rank:
+                zoom_to(self.iface.mapCanvas(), feature.geometry().boundingBox(), self.result_layer.crs())
+                self.result_layer.selectByIds([feature.id()])
+                return
+
+    def zoom_to_best(self) -> None:
+        if self.results.topLevelItemCount() == 0:
+            self.message("No results yet: search first", Qgis.Warning)
+            return
+        best = self.results.topLevelItem(0)
+        self.results.setCurrentItem(best)
+        self.zoom_to_item(best)
+
+    def export_geojson(self) -> None:
+        """Write the current results as RFC 7946 GeoJSON (the CLI's format) to a chosen file."""
+        from rsmclip_geo.errors import RsmclipError
+        from rsmclip_geo.export import write_hits
+
+        if not self.current_hits:
+            self.message("No results to export: search first", Qgis.Warning)
+            return
+        start = str(Path(self.settings.export_dir or Path.home()) / f"{self.result_layer.name()}.geojson")
+        dialog = QFileDialog(self, "Export results as GeoJSON", start, "GeoJSON (*.geojson *.json)")
+        dialog.setObjectName("RsmclipExportDialog")
+        dialog.setAcceptMode(QFileDialog.AcceptSave)
+        dialog.setDefaultSuffix("geojson")
+        dialog.setOption(QFileDialog.DontUseNativeDialog, True)
+        if not dialog.exec_() or not dialog.selectedFiles():
+            return
+        target = Path(dialog.selectedFiles()[0])
+        try:
+            written = write_hits(self.current_hits, target)
+        except RsmclipError as exc:
+            self.message(str(exc), Qgis.Critical)
+            return
+        self.settings.export_dir = str(written.parent)
+        self.save_settings()
+        self.message(f"Exported {len(self.current_hits)} tiles to {written}", Qgis.Success)
+
+
+def raster_path(layer) -> str:
+    """The file behind a GDAL raster layer; RsmclipError for other layers."""
+    from qgis.core import QgsProviderRegistry
+    from rsmclip_geo.errors import RsmclipError
+
+    if not isinstance(layer, QgsRasterLayer):
+        raise RsmclipError("Raster layer: choose a raster layer of the project to index")
+    if layer.providerType() != "gdal":
+        raise RsmclipError(f"Raster layer '{layer.name()}' is a {layer.providerType()} layer: index a file-based GDAL raster")
+    path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source()).get("path") or ""
+    if not Path(path).is_file():
+        raise RsmclipError(f"Raster layer '{layer.name()}': its source {path or layer.source()} is not a local file")
+    return path
+
+
+def rendered_bands(layer) -> tuple[int, int, int] | None:
+    """The red, green and blue bands QGIS shows for a multiband layer (None for other renderers)."""
+    from qgis.core import QgsMultiBandColorRenderer
+
+    renderer = layer.renderer()
+    if isinstance(renderer, QgsMultiBandColorRenderer):
+        bands = (renderer.redBand(), renderer.greenBand(), renderer.blueBand())
+        if min(bands) >= 1:
+            return bands
+    return None
+
+
+def tiling_params(settings: PanelSettings):
+    """The core's TilingParams from the panel settings (RsmclipError on bad values)."""
+    from rsmclip_geo.errors import RsmclipError
+    from rsmclip_geo.tiling import TilingParams
+
+    try:
+        scales = tuple(int(part) for part in settings.scales.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise RsmclipError(f"Scales '{settings.scales}': give whole numbers separated by commas, e.g. 1,2") from None
+    size = {"tile_size": int(round(settings.tile_size))} if settings.tile_unit == "px" else {"tile_size_m": settings.tile_size}
+    return TilingParams(**size, overlap=settings.overlap, scales=scales or (1,))

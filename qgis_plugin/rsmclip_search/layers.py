@@ -1,0 +1,151 @@
+"""QGIS layers from the core's results: hit polygons in the raster's CRS styled by score, the score
+heatmap raster, placement in the layer tree and zooming."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsField,
+    QgsFillSymbol,
+    QgsGeometry,
+    QgsGraduatedSymbolRenderer,
+    QgsMapLayer,
+    QgsPalLayerSettings,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsRendererRange,
+    QgsSingleBandPseudoColorRenderer,
+    QgsStyle,
+    QgsTextBufferSettings,
+    QgsTextFormat,
+    QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
+)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QColor
+
+SCORE_CLASSES = 5
+COLOR_RAMP = "Viridis"
+FILL_ALPHA = 50  # of 255: the scene stays visible through the tiles
+
+HIT_FIELDS = (
+    ("rank", QVariant.Int),
+    ("score", QVariant.Double),
+    ("query", QVariant.String),
+    ("tile_id", QVariant.String),
+    ("scale", QVariant.Int),
+    ("scene", QVariant.String),
+)
+
+
+def hits_layer(hits: Sequence, rings: Sequence[Sequence[tuple[float, float]]], crs_wkt: str, name: str) -> QgsVectorLayer:
+    """A memory polygon layer (CRS ``crs_wkt``) with one feature per hit, in rank order; ``rings``
+    are the hits' footprints in that CRS (``TileIndex.scene_footprint``)."""
+    crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
+    layer = QgsVectorLayer("Polygon", name, "memory")
+    layer.setCrs(crs)
+    provider = layer.dataProvider()
+    provider.addAttributes([QgsField(field, kind) for field, kind in HIT_FIELDS])
+    layer.updateFields()
+    features = []
+    for hit, ring in zip(hits, rings):
+        feature = QgsFeature(layer.fields())
+        feature.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
+        feature.setAttributes([hit.rank, float(hit.score), hit.query, hit.tile_id, hit.scale, str(hit.scene)])
+        features.append(feature)
+    provider.addFeatures(features)
+    layer.updateExtents()
+    style_by_score(layer, [float(hit.score) for hit in hits])
+    label_by_rank(layer)
+    return layer
+
+
+def style_by_score(layer: QgsVectorLayer, scores: Sequence[float]) -> None:
+    """Graduated colours on ``score`` (equal intervals between the lowest and highest hit),
+    coloured outlines over a mostly transparent fill."""
+    ramp = QgsStyle.defaultStyle().colorRamp(COLOR_RAMP)
+    low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    classes = SCORE_CLASSES if high > low else 1
+    step = (high - low) / classes
+    ranges = []
+    for i in range(classes):
+        lower = low + i * step
+        upper = high if i == classes - 1 else low + (i + 1) * step
+        color = ramp.color((i + 1) / classes if classes > 1 else 1.0)
+        fill = QColor(color)
+        fill.setAlpha(FILL_ALPHA)
+        symbol = QgsFillSymbol.createSimple(
+            {
+                "color": fill.name(QColor.HexArgb),
+                "outline_color": color.name(),
+                "outline_width": "0.7",
+            }
+        )
+        ranges.append(QgsRendererRange(lower, upper, symbol, f"{lower:.3f} – {upper:.3f}"))
+    renderer = QgsGraduatedSymbolRenderer("score", ranges)
+    renderer.setSourceColorRamp(ramp)
+    layer.setRenderer(renderer)
+
+
+def label_by_rank(layer: QgsVectorLayer) -> None:
+    """Rank numbers at the tile centres, with a white buffer."""
+    settings = QgsPalLayerSettings()
+    settings.fieldName = "rank"
+    settings.placement = QgsPalLayerSettings.OverPoint
+    text = QgsTextFormat()
+    text.setSize(10)
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    text.setBuffer(buffer)
+    settings.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
+    layer.setLabelsEnabled(True)
+
+
+def heatmap_layer(path: Path, name: str) -> QgsRasterLayer:
+    """The core's float32 score GeoTIFF as a semi-transparent pseudocolour layer."""
+    layer = QgsRasterLayer(str(path), name, "gdal")
+    stats = layer.dataProvider().bandStatistics(1)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1)
+    renderer.setClassificationMin(stats.minimumValue)
+    renderer.setClassificationMax(stats.maximumValue)
+    renderer.createShader(QgsStyle.defaultStyle().colorRamp(COLOR_RAMP))
+    layer.setRenderer(renderer)
+    layer.renderer().setOpacity(0.6)
+    return layer
+
+
+def add_above(layer: QgsMapLayer, reference: QgsMapLayer | None) -> None:
+    """Add ``layer`` to the project just above ``reference`` in the layer tree (at the top when
+    there is none). A result layer of this plugin with the same name (the same query run again)
+    is replaced: each query keeps one layer."""
+    project = QgsProject.instance()
+    for old in project.mapLayersByName(layer.name()):
+        if old.customProperty("rsmclip_search/result"):
+            project.removeMapLayer(old.id())
+    layer.setCustomProperty("rsmclip_search/result", True)
+    project.addMapLayer(layer, False)
+    root = project.layerTreeRoot()
+    node = root.findLayer(reference.id()) if reference is not None else None
+    if node is None:
+        root.insertLayer(0, layer)
+        return
+    parent = node.parent()
+    parent.insertLayer(parent.children().index(node), layer)
+
+
+def zoom_to(canvas, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, margin: float = 0.5) -> None:
+    """Zoom the canvas to ``extent`` (in ``crs``) grown by ``margin`` of its size."""
+    transform = QgsCoordinateTransform(crs, canvas.mapSettings().destinationCrs(), QgsProject.instance())
+    rect = transform.transformBoundingBox(extent)
+    rect.scale(1.0 + margin)
+    canvas.setExtent(rect)
+    canvas.refresh()

@@ -1,0 +1,113 @@
+"""A real QGIS desktop window for tests and screenshots: QgsApplication, QMainWindow, QgsMapCanvas
+bound to the project's layer tree, a message bar, a toolbar and a Raster menu.
+
+``DesktopIface`` offers the QgisInterface methods the plugin calls, implemented on those real
+widgets, so the plugin runs exactly as it does inside QGIS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN_PARENT = REPO / "qgis_plugin"
+
+from qgis.core import QgsApplication, QgsProject  # noqa: E402
+from qgis.gui import QgsLayerTreeMapCanvasBridge, QgsMapCanvas, QgsMessageBar  # noqa: E402
+from qgis.PyQt.QtCore import QCoreApplication, QSettings, Qt  # noqa: E402
+from qgis.PyQt.QtWidgets import QMainWindow, QMenu, QToolBar, QVBoxLayout, QWidget  # noqa: E402
+
+
+def start_qgis(settings_dir: Path) -> QgsApplication:
+    """Start a GUI QgsApplication (offscreen unless a display is set) with settings in
+    ``settings_dir``."""
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QCoreApplication.setOrganizationName("rsmclip-geo-tests")
+    QCoreApplication.setApplicationName("QGIS3")
+    QSettings.setDefaultFormat(QSettings.IniFormat)
+    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(settings_dir))
+    app = QgsApplication([], True)
+    app.setPrefixPath(sys.prefix if Path(sys.prefix, "share", "qgis").is_dir() else "/usr", True)
+    app.initQgis()
+    if str(PLUGIN_PARENT) not in sys.path:
+        sys.path.insert(0, str(PLUGIN_PARENT))
+    return app
+
+
+class DesktopIface:
+    """The QgisInterface surface used by the plugin, on a real main window."""
+
+    def __init__(self) -> None:
+        self.window = QMainWindow()
+        self.window.setWindowTitle("QGIS")
+        self.window.resize(1400, 860)
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.bar = QgsMessageBar()
+        self.canvas = QgsMapCanvas()
+        self.canvas.setCanvasColor(Qt.white)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.canvas)
+        self.window.setCentralWidget(central)
+        self.toolbar = QToolBar("Plugins")
+        self.window.addToolBar(self.toolbar)
+        self.raster_menu = QMenu("&Raster")
+        self.window.menuBar().addMenu(self.raster_menu)
+        self.plugin_menus: dict[str, QMenu] = {}
+        self.bridge = QgsLayerTreeMapCanvasBridge(QgsProject.instance().layerTreeRoot(), self.canvas)
+
+    # --- QgisInterface methods the plugin calls ---
+    def mainWindow(self) -> QMainWindow:  # noqa: N802
+        return self.window
+
+    def mapCanvas(self) -> QgsMapCanvas:  # noqa: N802
+        return self.canvas
+
+    def messageBar(self) -> QgsMessageBar:  # noqa: N802
+        return self.bar
+
+    def addDockWidget(self, area, dock) -> None:  # noqa: N802
+        self.window.addDockWidget(area, dock)
+
+    def removeDockWidget(self, dock) -> None:  # noqa: N802
+        self.window.removeDockWidget(dock)
+
+    def addToolBarIcon(self, action) -> None:  # noqa: N802
+        self.toolbar.addAction(action)
+
+    def removeToolBarIcon(self, action) -> None:  # noqa: N802
+        self.toolbar.removeAction(action)
+
+    def addPluginToRasterMenu(self, name: str, action) -> None:  # noqa: N802
+        menu = self.plugin_menus.get(name)
+        if menu is None:
+            menu = self.plugin_menus[name] = self.raster_menu.addMenu(name)
+        menu.addAction(action)
+
+    def removePluginRasterMenu(self, name: str, action) -> None:  # noqa: N802
+        menu = self.plugin_menus.get(name)
+        if menu is not None:
+            menu.removeAction(action)
+            if menu.isEmpty():
+                self.raster_menu.removeAction(menu.menuAction())
+                del self.plugin_menus[name]
+
+    def activeLayer(self):  # noqa: N802
+        layers = self.canvas.layers()
+        return layers[0] if layers else None
+
+
+def process_until(done: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Run the Qt event loop until ``done()`` is true; raise TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout:.0f} s")
+        QCoreApplication.processEvents()
+        time.sleep(0.01)
