@@ -149,7 +149,7 @@ class SearchDock(QDockWidget):
         self.threshold.setDecimals(3)
         self.threshold.setPrefix("score ≥ ")
         self.heatmap = QCheckBox("Heatmap")
-        self.heatmap.setToolTip("Also add a score heatmap raster for each query")
+        self.heatmap.setToolTip("Also add a raster of every tile's score for each text query")
         options.addWidget(self.top_k)
         options.addWidget(self.threshold)
         options.addWidget(self.heatmap)
@@ -378,7 +378,14 @@ class SearchDock(QDockWidget):
         if not query:
             self.message("Type a query, e.g. 'aeroporto' or 'storage tanks'", Qgis.Warning)
             return
-        self._search(query, lambda index, model, s: self._text_hits(index, model, query, s), query)
+
+        def find(index, model, s: PanelSettings):
+            from rsmclip_geo.search import search_index
+
+            hits = search_index(index, query, model=model, top_k=s.top_k, threshold=s.threshold)
+            return hits, (write_query_heatmap(index, model, query) if s.heatmap else None)
+
+        self._search(query, find)
 
     def start_similar(self) -> None:
         """Search for tiles like the selected result tile."""
@@ -387,23 +394,17 @@ class SearchDock(QDockWidget):
             self.message("Select a result tile first, then Find similar", Qgis.Warning)
             return
         tile_id = item.data(0, Qt.UserRole)
-        hit = next(h for h in self.current_hits if h.tile_id == tile_id)
-        name = f"similar to #{hit.rank} of {hit.query}"
-        self._search(name, lambda index, model, s: self._similar_hits(index, model, tile_id, s), name)
 
-    @staticmethod
-    def _text_hits(index, model, query: str, s: PanelSettings):
-        from rsmclip_geo.search import search_index
+        def find(index, model, s: PanelSettings):
+            from rsmclip_geo.search import similar
 
-        return search_index(index, query, model=model, top_k=s.top_k, threshold=s.threshold)
+            return similar(index, tile_id=tile_id, model=model, top_k=s.top_k, threshold=s.threshold), None
 
-    @staticmethod
-    def _similar_hits(index, model, tile_id: str, s: PanelSettings):
-        from rsmclip_geo.search import similar
+        self._search(f"similar to #{item.text(0)} of {self.result_layer.name()}", find)
 
-        return similar(index, tile_id=tile_id, model=model, top_k=s.top_k, threshold=s.threshold)
-
-    def _search(self, name: str, find, query_for_heatmap: str | None) -> None:
+    def _search(self, name: str, find) -> None:
+        """Run ``find(index, model, settings) -> (hits, heatmap path | None)`` in a task and show
+        its hits as the layer ``name``."""
         if self.index is None:
             self.message("Index a raster layer first (Index layer)", Qgis.Warning)
             return
@@ -412,19 +413,13 @@ class SearchDock(QDockWidget):
         settings = self.current_settings()
         self.save_settings()
         index, model = self.index, self.model
-
-        def work(progress, cancel):
-            hits = find(index, model, settings)
-            heatmap = self._write_heatmap(index, model, hits, name) if settings.heatmap else None
-            return hits, heatmap
-
         self.search_button.setEnabled(False)
         self.similar_button.setEnabled(False)
-        self.search_task = self._run_task(f"Searching '{name}' (RS-M-CLIP)", work, lambda t: self._search_done(t, name))
-
-    def _write_heatmap(self, index, model, hits, name: str) -> Path:
-        """The core's score heatmap for the query behind ``hits`` (worker thread)."""
-        raise NotImplementedError
+        self.search_task = self._run_task(
+            f"Searching '{name}' (RS-M-CLIP)",
+            lambda progress, cancel: find(index, model, settings),
+            lambda task: self._search_done(task, name),
+        )
 
     def _search_done(self, task, name: str) -> None:
         self.search_task = None
@@ -543,3 +538,18 @@ def tiling_params(settings: PanelSettings):
         raise RsmclipError(f"Scales '{settings.scales}': give whole numbers separated by commas, e.g. 1,2") from None
     size = {"tile_size": int(round(settings.tile_size))} if settings.tile_unit == "px" else {"tile_size_m": settings.tile_size}
     return TilingParams(**size, overlap=settings.overlap, scales=scales or (1,))
+
+
+def write_query_heatmap(index, model, query: str) -> Path:
+    """The core's score heatmap of a text query over the indexed scene, in the core's cache."""
+    import hashlib
+
+    from rsmclip_geo.export import write_heatmap
+    from rsmclip_geo.index import default_cache_dir
+    from rsmclip_geo.search import query_vectors, score_tiles
+
+    scores = score_tiles(index, query_vectors(model, [query]))[0]
+    folder = default_cache_dir() / "heatmaps"
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(query.encode("utf-8")).hexdigest()[:12]
+    return write_heatmap(index, scores, folder / f"{index.path.stem}-{digest}.tif", queries=[query])
