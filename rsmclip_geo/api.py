@@ -1,0 +1,102 @@
+"""Public Python API: the functions the CLI and the QGIS plugin call (see docs/api.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rsmclip_geo.errors import RsmclipError, TileIndexError
+from rsmclip_geo.export import hits_to_geojson, write_heatmap, write_hits
+from rsmclip_geo.index import TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model
+from rsmclip_geo.pipeline import CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, embed_scene
+from rsmclip_geo.raster import Scene, open_scene
+from rsmclip_geo.search import Hit, clean_queries, score_tiles, search_index, similar
+from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Cancelled", "EmbeddedBatch", "Hit", "Scene", "TileIndex", "TileWindow", "TilingParams",
+    "cached_scene_index", "default_cache_dir", "embed_scene", "hits_to_geojson", "index_scenes", "open_scene",
+    "score_tiles", "search_index", "similar", "tile_search", "tile_windows", "write_heatmap", "write_hits",
+]
+
+
+def cached_scene_index(
+    scene: str | os.PathLike | Scene,
+    *,
+    model=None,
+    tiling: TilingParams = TilingParams(),
+    bands: tuple[int, int, int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    batch_size: int = 32,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    threads: int | None = None,
+) -> TileIndex:
+    """The tile index of one scene from the cache, built (and cached) when missing.
+
+    Cache entries are keyed by scene fingerprint + mtime + bundle fingerprint + tiling parameters.
+    """
+    scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands)
+    model = resolve_model(model, threads)
+    params = tiling.resolved(model.bundle.info.default_tile_size)
+    options = dict(model=model, tiling=params, batch_size=batch_size, progress=progress, cancel=cancel,
+                   threads=threads)
+    if not use_cache:
+        with tempfile.TemporaryDirectory(prefix="rsmclip-geo-") as tmp:
+            return TileIndex.open(index_scenes([scene], Path(tmp) / "scene.parquet", **options))
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RsmclipError(f"--cache-dir {directory}: cannot be created ({exc.strerror}); "
+                           "choose another with --cache-dir or use --no-cache") from None
+    if not os.access(directory, os.W_OK):
+        raise RsmclipError(f"--cache-dir {directory}: not writable; choose another with --cache-dir or use --no-cache")
+    path = directory / f"{cache_key(scene, model.bundle.fingerprint, params)}.parquet"
+    if path.is_file():
+        try:
+            index = TileIndex.open(path)
+            index.check_model(model)
+            log.info("%s: using the cached tile index %s", scene.path.name, path)
+            if progress:
+                progress(len(index), len(index))
+            return index
+        except TileIndexError:
+            path.unlink()  # a damaged cache entry is rebuilt
+    return TileIndex.open(index_scenes([scene], path, **options))
+
+
+def tile_search(
+    scene: str | os.PathLike | Scene,
+    queries: str | Sequence[str],
+    *,
+    model=None,
+    tiling: TilingParams = TilingParams(),
+    bands: tuple[int, int, int] | None = None,
+    top_k: int = 10,
+    threshold: float | None = None,
+    aoi=None,
+    nms_overlap: float = 0.5,
+    lang: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    batch_size: int = 32,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    threads: int | None = None,
+) -> tuple[list[Hit], TileIndex]:
+    """Index one scene (cached) and search it: the hits and the scene's tile index."""
+    queries = clean_queries(queries)
+    model = resolve_model(model, threads)
+    index = cached_scene_index(scene, model=model, tiling=tiling, bands=bands, cache_dir=cache_dir,
+                               use_cache=use_cache, batch_size=batch_size, progress=progress, cancel=cancel,
+                               threads=threads)
+    hits = search_index(index, queries, model=model, top_k=top_k, threshold=threshold, aoi=aoi,
+                        nms_overlap=nms_overlap, lang=lang)
+    return hits, index

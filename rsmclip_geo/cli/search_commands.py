@@ -1,0 +1,250 @@
+"""`rsmclip-geo index | tile-search | search | similar`: thin shells over rsmclip_geo.api."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rsmclip_geo.errors import QueryError, RsmclipError
+from rsmclip_geo.export import HIT_FORMATS, check_writable
+
+log = logging.getLogger("rsmclip_geo")
+
+
+class ProgressBar:
+    """`progress(done, total)` callback drawing tiles done and tiles/s on a terminal's stderr."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.done = 0
+        self._drawn = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done = done
+        now = time.perf_counter()
+        if not self.enabled or (now - self._drawn < 0.2 and done < total):
+            return
+        self._drawn = now
+        rate = done / max(now - self.start, 1e-9)
+        percent = 100.0 * done / total if total else 100.0
+        sys.stderr.write(f"\r{self.label}: {done}/{total} tiles ({percent:.0f} %) {rate:.1f} tiles/s ")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.enabled:
+            sys.stderr.write("\n")
+        log.info("%s: %d tiles in %.1f s (%.1f tiles/s)", self.label, self.done, elapsed,
+                 self.done / max(elapsed, 1e-9))
+
+
+def parse_ints(text: str, what: str, count: int | None = None) -> tuple[int, ...]:
+    """'3,2,1' -> (3, 2, 1); RsmclipError naming the option when malformed."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RsmclipError(f"{what} {text}: give comma-separated integers, e.g. {what} 1,2,4") from None
+    if not values or (count is not None and len(values) != count):
+        raise RsmclipError(f"{what} {text}: give {count or 'one or more'} comma-separated integers")
+    return values
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="bundle name or directory (default: the index's model / the bundled demo model)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime and reader threads (default: CPU cores)")
+
+
+def add_tiling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tiling")
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--tile-size", type=int, help="tile side in pixels (default: the model's tile size)")
+    size.add_argument("--tile-size-m", type=float, help="tile side in metres on the ground")
+    group.add_argument("--overlap", type=float, default=0.0, help="overlap between tiles, fraction (default 0)")
+    group.add_argument("--scales", default="1", help="tile scales, e.g. 1,2,4 (tiles of k × size)")
+    group.add_argument("--bands", help="1-based R,G,B bands, e.g. 3,2,1 (default: by colour interpretation)")
+    group.add_argument("--min-valid", type=float, default=0.5, help="skip tiles with less valid area (default 0.5)")
+    group.add_argument("--min-std", type=float, default=2.0, help="skip near-constant tiles (default 2.0)")
+    group.add_argument("--batch-size", type=int, default=32, help="tiles per encoder batch (default 32)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) -> None:
+    group = parser.add_argument_group("search")
+    group.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
+    group.add_argument("--threshold", type=float, help="minimum cosine score")
+    group.add_argument("--aoi", help="area of interest: minlon,minlat,maxlon,maxlat or a vector file")
+    group.add_argument("--nms", type=float, default=0.5,
+                       help="drop hits overlapping a better one by more than this fraction of the smaller tile "
+                            "(default 0.5; 1 keeps all)")
+    if heatmap:
+        group.add_argument("--lang", help="add prompt templates of this language (en pt es fr de nl it zh ko ru)")
+        group.add_argument("--queries-file", help="more queries, one per line (UTF-8)")
+        group.add_argument("--heatmap", help="also write a score GeoTIFF aligned with the scene")
+        group.add_argument("--scene", help="scene of a multi-scene index for --heatmap (file name or path)")
+
+
+def tiling_params(args: argparse.Namespace):
+    from rsmclip_geo.tiling import TilingParams
+
+    return TilingParams(tile_size=args.tile_size, tile_size_m=args.tile_size_m, overlap=args.overlap,
+                        scales=parse_ints(args.scales, "--scales"), min_valid=args.min_valid, min_std=args.min_std)
+
+
+def bands_option(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    return parse_ints(args.bands, "--bands", 3) if args.bands else None  # type: ignore[return-value]
+
+
+def read_queries(args: argparse.Namespace) -> list[str]:
+    """Queries from the command line plus --queries-file."""
+    queries = list(args.query)
+    if getattr(args, "queries_file", None):
+        path = Path(args.queries_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QueryError(f"--queries-file {path}: cannot be read ({exc}); give a UTF-8 text file") from None
+        queries += [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not queries:
+        raise QueryError("no query given: type what to look for, e.g. \"airport\", or pass --queries-file")
+    return queries
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable -o / --heatmap paths before any work is done."""
+    if getattr(args, "output", None):
+        check_writable(Path(args.output), HIT_FORMATS)
+    if getattr(args, "heatmap", None):
+        check_writable(Path(args.heatmap), (".tif", ".tiff"))
+
+
+def print_hits(hits) -> None:
+    """A plain table of hits on stdout."""
+    print(f"{'rank':>4}  {'score':>6}  {'query':<24}  {'scene':<28}  {'scale':>5}  {'window (col,row,w,h)':<24}  centre lon,lat")
+    for hit in hits:
+        centre = hit.geometry.centroid
+        window = f"{hit.win_col},{hit.win_row},{hit.win_width},{hit.win_height}"
+        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.query[:24]:<24}  {Path(hit.scene).name[:28]:<28}  "
+              f"{hit.scale:>5}  {window:<24}  {centre.x:.6f},{centre.y:.6f}")
+
+
+def write_outputs(args: argparse.Namespace, hits, index, queries: list[str], model) -> None:
+    from rsmclip_geo.api import score_tiles, write_heatmap, write_hits
+    from rsmclip_geo.search import query_vectors
+
+    if args.output:
+        write_hits(hits, args.output)
+        print(f"wrote {len(hits)} hits to {args.output}")
+    if getattr(args, "heatmap", None):
+        scores = score_tiles(index, query_vectors(model, queries, getattr(args, "lang", None)))
+        write_heatmap(index, scores, args.heatmap, scene=getattr(args, "scene", None), queries=queries)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from rsmclip_geo.api import index_scenes
+
+    params = tiling_params(args)
+    progress = ProgressBar("index", not (args.no_progress or args.quiet))
+    output = index_scenes(args.scenes, args.output, model=args.model, tiling=params, bands=bands_option(args),
+                          batch_size=args.batch_size, progress=progress, threads=args.threads)
+    progress.finish()
+    print(output)
+    return 0
+
+
+def cmd_tile_search(args: argparse.Namespace) -> int:
+    from rsmclip_geo.api import tile_search
+    from rsmclip_geo.index import resolve_model
+
+    queries = read_queries(args)
+    if args.output is None:
+        args.output = f"{Path(args.scene).stem}_hits.geojson"
+    check_outputs(args)
+    params = tiling_params(args)
+    model = resolve_model(args.model, args.threads)
+    progress = ProgressBar("index", not (args.no_progress or args.quiet))
+    hits, index = tile_search(args.scene, queries, model=model, tiling=params, bands=bands_option(args),
+                              top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
+                              lang=args.lang, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                              batch_size=args.batch_size, progress=progress, threads=args.threads)
+    progress.finish()
+    print_hits(hits)
+    write_outputs(args, hits, index, queries, model)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rsmclip_geo.api import TileIndex, search_index
+
+    queries = read_queries(args)
+    check_outputs(args)
+    index = TileIndex.open(args.index)
+    model = index.load_model(args.model, threads=args.threads)
+    hits = search_index(index, queries, model=model, top_k=args.top_k, threshold=args.threshold, aoi=args.aoi,
+                        nms_overlap=args.nms, lang=args.lang)
+    print_hits(hits)
+    write_outputs(args, hits, index, queries, model)
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from rsmclip_geo.api import TileIndex, similar, write_hits
+
+    check_outputs(args)
+    index = TileIndex.open(args.index)
+    hits = similar(index, tile_id=args.tile, image=args.image, model=args.model, top_k=args.top_k,
+                   threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, threads=args.threads)
+    print_hits(hits)
+    if args.output:
+        write_hits(hits, args.output)
+        print(f"wrote {len(hits)} hits to {args.output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the index, tile-search, search and similar commands."""
+    p = subparsers.add_parser("index", help="build a GeoParquet tile index over one or more scenes",
+                              description="Tile scenes, embed every tile and write one GeoParquet tile index. "
+                                          "An interrupted run resumes when started again.")
+    p.add_argument("scenes", nargs="+", metavar="SCENE", help="GeoTIFF scenes (CRSs may differ)")
+    p.add_argument("-o", "--output", required=True, help="index file (.parquet) or directory of shards")
+    add_model_options(p)
+    add_tiling_options(p)
+    p.set_defaults(func=cmd_index)
+
+    p = subparsers.add_parser("tile-search", help="index a scene (cached) and search it",
+                              description="Index one scene (kept in a cache) and search it in any language.")
+    p.add_argument("scene", metavar="SCENE", help="GeoTIFF scene")
+    p.add_argument("query", nargs="*", metavar="QUERY", help='what to look for, e.g. "aeroporto"')
+    p.add_argument("-o", "--output", help="hits file: .geojson (default SCENE_hits.geojson), .gpkg or .parquet")
+    p.add_argument("--cache-dir", help="index cache (default $RSMCLIP_GEO_CACHE or ~/.cache/rsmclip-geo)")
+    p.add_argument("--no-cache", action="store_true", help="index in a temporary directory, keep nothing")
+    add_model_options(p)
+    add_tiling_options(p)
+    add_search_options(p)
+    p.set_defaults(func=cmd_tile_search)
+
+    p = subparsers.add_parser("search", help="search a tile index with text in any of the model's languages",
+                              description="Rank the tiles of an index against text queries; the model comes "
+                                          "from the index metadata.")
+    p.add_argument("index", metavar="INDEX", help="tile index (.parquet file or shard directory)")
+    p.add_argument("query", nargs="*", metavar="QUERY", help='what to look for, e.g. "campo de golf"')
+    p.add_argument("-o", "--output", help="hits file: .geojson, .gpkg or .parquet")
+    add_model_options(p)
+    add_search_options(p)
+    p.set_defaults(func=cmd_search)
+
+    p = subparsers.add_parser("similar", help="search a tile index by example (a tile or an image)",
+                              description="Rank the tiles of an index by similarity to one tile or image chip.")
+    p.add_argument("index", metavar="INDEX", help="tile index (.parquet file or shard directory)")
+    example = p.add_mutually_exclusive_group(required=True)
+    example.add_argument("--tile", help="tile id from the index")
+    example.add_argument("--image", help="image chip (JPEG, PNG, TIFF)")
+    p.add_argument("-o", "--output", help="hits file: .geojson, .gpkg or .parquet")
+    add_model_options(p)
+    add_search_options(p, heatmap=False)
+    p.set_defaults(func=cmd_similar)

@@ -1,0 +1,272 @@
+"""Search a tile index: text or example → cosine scores → filters → NMS → ranked hits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+from rsmclip_geo.errors import QueryError, RsmclipError
+from rsmclip_geo.index import TileIndex
+
+log = logging.getLogger(__name__)
+
+#: Rows scored per matrix product (bounds the float32 copy of the float16 embeddings).
+SCORE_CHUNK = 65536
+
+#: Prompt templates per language ({} = the query); the query embedding is their mean with the bare query.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "en": ("a satellite image of {}.", "an aerial photograph of {}."),
+    "pt": ("uma imagem de satélite de {}.", "uma fotografia aérea de {}."),
+    "es": ("una imagen de satélite de {}.", "una fotografía aérea de {}."),
+    "fr": ("une image satellite de {}.", "une photographie aérienne de {}."),
+    "de": ("ein Satellitenbild von {}.", "ein Luftbild von {}."),
+    "nl": ("een satellietbeeld van {}.", "een luchtfoto van {}."),
+    "it": ("un'immagine satellitare di {}.", "una fotografia aerea di {}."),
+    "zh": ("{}的卫星图像。", "{}的航拍照片。"),
+    "ko": ("{}의 위성 사진.", "{}의 항공 사진."),
+    "ru": ("спутниковый снимок: {}.", "аэрофотоснимок: {}."),
+}
+
+
+#: Flat properties of a hit in every output format, in order.
+HIT_PROPERTIES = ("rank", "score", "query", "scene", "tile_id", "scale", "win_col", "win_row", "win_width", "win_height")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked tile for one query."""
+
+    rank: int
+    score: float
+    query: str
+    scene: str
+    scene_fingerprint: str
+    tile_id: str
+    scale: int
+    win_col: int
+    win_row: int
+    win_width: int
+    win_height: int
+    geometry: shapely.Polygon  # EPSG:4326, lon/lat
+
+    def properties(self) -> dict:
+        """Flat properties for GeoJSON / GeoPackage / Parquet output."""
+        values = {name: getattr(self, name) for name in HIT_PROPERTIES}
+        values["score"] = round(self.score, 6)
+        return values
+
+
+def clean_queries(queries: str | Sequence[str]) -> list[str]:
+    """Stripped queries; QueryError if none is left or one is empty."""
+    items = [queries] if isinstance(queries, str) else list(queries)
+    if not items:
+        raise QueryError("no query given: type what to look for, e.g. \"airport\" or \"aeroporto\"")
+    cleaned = [" ".join(str(q).split()) for q in items]
+    if any(not q for q in cleaned):
+        raise QueryError("empty query: type what to look for, e.g. \"airport\" or \"aeroporto\"")
+    return cleaned
+
+
+def warn_long_queries(model, queries: Sequence[str]) -> None:
+    """Warn about queries longer than the text tower's context (the tokenizer truncates them)."""
+    limit = int(model.bundle.info.context_length)
+    for query in queries:
+        if len(model.tokenizer.tokens(query)) + 2 > limit:  # + start and end tokens
+            log.warning("query %r… is longer than the model's %d tokens; it is truncated", query[:40], limit)
+
+
+def query_vectors(model, queries: Sequence[str], lang: str | None = None) -> np.ndarray:
+    """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates."""
+    warn_long_queries(model, queries)
+    if lang is None:
+        return model.encode_texts(list(queries))
+    if lang not in TEMPLATES:
+        raise QueryError(f"--lang {lang}: no prompt templates; choose one of {', '.join(TEMPLATES)}")
+    variants = [[q] + [t.format(q) for t in TEMPLATES[lang]] for q in queries]
+    flat = model.encode_texts([v for group in variants for v in group])
+    vectors = flat.reshape(len(queries), len(variants[0]), -1).mean(axis=1)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def score_tiles(index: TileIndex, vectors: np.ndarray) -> np.ndarray:
+    """float32 [Q, N] cosine scores of every tile against L2-normalised query vectors [Q, D]."""
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    embeddings = index.embeddings()
+    if embeddings.shape[1] != vectors.shape[1]:
+        raise RsmclipError(
+            f"{index.path}: tile embeddings have {embeddings.shape[1]} dimensions, the query {vectors.shape[1]}; "
+            "use the index's model")
+    scores = np.empty((vectors.shape[0], len(embeddings)), dtype=np.float32)
+    for start in range(0, len(embeddings), SCORE_CHUNK):
+        chunk = embeddings[start:start + SCORE_CHUNK].astype(np.float32)
+        scores[:, start:start + SCORE_CHUNK] = vectors @ chunk.T
+    return scores
+
+
+def parse_aoi(aoi) -> shapely.Geometry | None:
+    """An AOI in EPSG:4326: None, a (minlon, minlat, maxlon, maxlat) bbox or "a,b,c,d" string,
+    a shapely geometry, or a vector file path (all its features, reprojected)."""
+    if aoi is None or isinstance(aoi, shapely.Geometry):
+        return aoi
+    if isinstance(aoi, str) and not Path(aoi).exists() and aoi.count(",") == 3:
+        try:
+            aoi = tuple(float(v) for v in aoi.split(","))
+        except ValueError:
+            raise QueryError(f"--aoi {aoi}: give minlon,minlat,maxlon,maxlat or a vector file") from None
+    if isinstance(aoi, (tuple, list)):
+        if len(aoi) != 4 or not (aoi[0] < aoi[2] and aoi[1] < aoi[3]):
+            raise QueryError(f"--aoi {aoi}: a bbox is minlon,minlat,maxlon,maxlat with min < max")
+        return shapely.box(*aoi)
+    path = Path(aoi)
+    if not path.exists():
+        raise QueryError(f"--aoi {aoi}: no such file; give minlon,minlat,maxlon,maxlat or a vector file")
+    import geopandas
+
+    try:
+        frame = geopandas.read_file(path)
+    except Exception as exc:  # pyogrio raises several types for unreadable files
+        raise QueryError(f"--aoi {path}: not a readable vector file ({exc})") from None
+    if frame.empty:
+        raise QueryError(f"--aoi {path}: holds no features")
+    if frame.crs is not None:
+        frame = frame.to_crs(4326)
+    return shapely.union_all(frame.geometry.values)
+
+
+def window_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over the smaller area of window a [4] (col,row,w,h) against windows b [n,4]."""
+    ix = np.clip(np.minimum(a[0] + a[2], b[:, 0] + b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[1] + a[3], b[:, 1] + b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
+    smaller = np.minimum(a[2] * a[3], b[:, 2] * b[:, 3])
+    return (ix * iy) / smaller
+
+
+def rank_hits(
+    index: TileIndex,
+    scores: np.ndarray,
+    query: str,
+    *,
+    top_k: int,
+    threshold: float | None,
+    allowed: np.ndarray | None,
+    nms_overlap: float,
+) -> list[Hit]:
+    """Top-k distinct tiles for one query: threshold, AOI mask, greedy NMS within each scene."""
+    candidates = np.ones(len(scores), dtype=bool) if allowed is None else allowed.copy()
+    if threshold is not None:
+        candidates &= scores >= threshold
+    order = np.flatnonzero(candidates)
+    order = order[np.argsort(-scores[order], kind="stable")]
+    windows = np.column_stack([index.column(c) for c in ("win_col", "win_row", "win_width", "win_height")])
+    scenes = index.column("scene_fingerprint")
+    kept: list[int] = []
+    for row in order:
+        if len(kept) == top_k:
+            break
+        same = [k for k in kept if scenes[k] == scenes[row]]
+        if same and (window_overlap(windows[row], windows[same]) > nms_overlap).any():
+            continue
+        kept.append(int(row))
+    geometries = index.geometries(kept)
+    table = index.table
+    return [
+        Hit(
+            rank=rank, score=float(scores[row]), query=query,
+            scene=table.column("scene")[row].as_py(), scene_fingerprint=str(scenes[row]),
+            tile_id=table.column("tile_id")[row].as_py(), scale=int(table.column("scale")[row].as_py()),
+            win_col=int(windows[row, 0]), win_row=int(windows[row, 1]),
+            win_width=int(windows[row, 2]), win_height=int(windows[row, 3]), geometry=geometries[rank - 1],
+        )
+        for rank, row in enumerate(kept, start=1)
+    ]
+
+
+def _check_search_params(top_k: int, nms_overlap: float, threshold: float | None) -> None:
+    if top_k < 1:
+        raise QueryError(f"--top-k {top_k}: give a positive number of hits")
+    if not 0.0 <= nms_overlap <= 1.0:
+        raise QueryError(f"--nms {nms_overlap}: give an overlap fraction between 0 and 1 (1 = keep overlapping tiles)")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise QueryError(f"--threshold {threshold}: cosine scores lie between -1 and 1")
+
+
+def _aoi_mask(index: TileIndex, aoi) -> np.ndarray | None:
+    geometry = parse_aoi(aoi)
+    return None if geometry is None else shapely.intersects(index.geometries(), geometry)
+
+
+def search_index(
+    index: TileIndex | str | os.PathLike,
+    queries: str | Sequence[str],
+    *,
+    model=None,
+    top_k: int = 10,
+    threshold: float | None = None,
+    aoi=None,
+    nms_overlap: float = 0.5,
+    lang: str | None = None,
+    threads: int | None = None,
+) -> list[Hit]:
+    """Ranked hits (1..top_k per query) of text queries in any language over a tile index."""
+    index = index if isinstance(index, TileIndex) else TileIndex.open(index)
+    queries = clean_queries(queries)
+    _check_search_params(top_k, nms_overlap, threshold)
+    model = index.load_model(model, threads=threads)
+    allowed = _aoi_mask(index, aoi)
+    scores = score_tiles(index, query_vectors(model, queries, lang))
+    hits: list[Hit] = []
+    for query, row in zip(queries, scores):
+        hits += rank_hits(index, row, query, top_k=top_k, threshold=threshold, allowed=allowed, nms_overlap=nms_overlap)
+    return hits
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 HxWx3 RGB pixels of an image file; QueryError if it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise QueryError(f"--image {path}: not a readable image ({exc}); give a JPEG/PNG/TIFF chip") from None
+
+
+def similar(
+    index: TileIndex | str | os.PathLike,
+    *,
+    tile_id: str | None = None,
+    image: str | os.PathLike | np.ndarray | None = None,
+    model=None,
+    top_k: int = 10,
+    threshold: float | None = None,
+    aoi=None,
+    nms_overlap: float = 0.5,
+    threads: int | None = None,
+) -> list[Hit]:
+    """Search by example: tiles most similar to an indexed tile (itself excluded) or to an image."""
+    index = index if isinstance(index, TileIndex) else TileIndex.open(index)
+    if (tile_id is None) == (image is None):
+        raise QueryError("similar: give exactly one example, --tile ID or --image FILE")
+    _check_search_params(top_k, nms_overlap, threshold)
+    allowed = _aoi_mask(index, aoi)
+    if allowed is None:
+        allowed = np.ones(len(index), dtype=bool)
+    if tile_id is not None:
+        row = index.row_of(tile_id)
+        vector = index.embeddings()[row].astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        allowed[row] = False
+        label = f"tile:{tile_id}"
+    else:
+        model = index.load_model(model, threads=threads)
+        pixels = load_image(image) if not isinstance(image, np.ndarray) else image
+        vector = model.encode_images([pixels])[0]
+        label = f"image:{Path(image).name}" if not isinstance(image, np.ndarray) else "image"
+    scores = score_tiles(index, vector[None])[0]
+    return rank_hits(index, scores, label, top_k=top_k, threshold=threshold, allowed=allowed, nms_overlap=nms_overlap)
