@@ -1,0 +1,242 @@
+"""Image and text encoders over a bundle: ONNX Runtime sessions (default) or an optional torch backend.
+
+Sessions are created lazily per tower, so indexing never loads the text tower. Providers: CUDA when
+onnxruntime's CUDA provider actually loads, else CPU; ``providers=["cpu"]`` / ``["cuda"]`` (or full
+onnxruntime provider names) forces a choice. The torch backend (``backend="torch"``) runs a bundle's
+``weights.safetensors`` with open_clip and is the only place torch is imported, lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rsmclip_geo.bundle import IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON, TORCH_CONFIG, TORCH_WEIGHTS, Bundle, load_bundle
+from rsmclip_geo.errors import BundleError, RsmclipError
+from rsmclip_geo.preprocess import preprocess_images
+from rsmclip_geo.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA}
+BACKENDS = ("onnx", "torch")
+DEFAULT_BATCH_SIZE = 32
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32); zero rows stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.float32(1e-12))
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> tuple[list[str], bool]:
+    """(onnxruntime provider list, forced?) from user names; None = CUDA if available, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None or providers == "auto":
+        return ([CUDA, CPU] if CUDA in available else [CPU]), False
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p]
+    resolved = [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
+    for provider in resolved:
+        if provider not in available:
+            raise RsmclipError(f"provider {provider!r} is not available in this onnxruntime "
+                               f"(available: {', '.join(available)}); choose another with --provider")
+    return resolved, True
+
+
+class _OnnxTower:
+    """One ONNX Runtime session, created on first use."""
+
+    def __init__(self, bundle: Bundle, filename: str, input_name: str, providers: list[str], forced: bool,
+                 threads: int | None) -> None:
+        self.path = bundle.file(filename)
+        self.embed_dim = bundle.info.embed_dim
+        self.input_name = input_name
+        self.providers = providers
+        self.forced = forced
+        self.threads = threads
+        self._session: Any = None
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            self._session = self._create()
+        return self._session
+
+    def _create(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        quiet = CUDA in self.providers and not self.forced
+        if quiet:  # a missing CUDA/cuDNN library is expected on CPU machines: fall back silently
+            options.log_severity_level = 4
+            ort.set_default_logger_severity(4)
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{self.path}: cannot be loaded by ONNX Runtime ({reason[:200]}); the file is corrupt "
+                              "or not a model, re-export or re-install the bundle") from exc
+        finally:
+            if quiet:
+                ort.set_default_logger_severity(2)
+        used = session.get_providers()
+        if self.forced and self.providers[0] not in used:
+            raise RsmclipError(f"provider {self.providers[0]} failed to initialise for {self.path.name} "
+                               f"(running on {', '.join(used)}); check its libraries or choose --provider cpu")
+        log.info("%s: running on %s", self.path.name, used[0])
+        self._check_io(session)
+        return session
+
+    def _check_io(self, session: Any) -> None:
+        inputs = [i.name for i in session.get_inputs()]
+        if inputs != [self.input_name]:
+            raise BundleError(f"{self.path}: expected one input {self.input_name!r}, found {inputs}; re-export the bundle")
+        shape = session.get_outputs()[0].shape
+        dim = shape[-1] if shape else None
+        if len(shape) != 2 or (isinstance(dim, int) and dim != self.embed_dim):
+            raise BundleError(f"{self.path}: outputs embeddings of shape {shape} but bundle.json embed_dim is "
+                              f"{self.embed_dim}; the towers do not belong together, re-export the bundle")
+
+    def run(self, array: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input_name: array})[0]
+        if out.ndim != 2 or out.shape[1] != self.embed_dim:
+            raise BundleError(f"{self.path}: produced shape {out.shape}, bundle.json embed_dim is {self.embed_dim}; "
+                              "re-export the bundle")
+        return out
+
+
+class _TorchTowers:
+    """The bundle's weights.safetensors in open_clip (needs the training extra: torch, open_clip)."""
+
+    def __init__(self, bundle: Bundle, device: str | None) -> None:
+        if not bundle.has_torch_weights:
+            raise BundleError(f"{bundle.path}: no {TORCH_WEIGHTS} + {TORCH_CONFIG}; export the bundle with "
+                              "--torch-weights or use the onnx backend")
+        try:
+            import torch
+
+            from training.model import create_model
+        except ImportError as exc:
+            raise RsmclipError("the torch backend needs torch and open_clip (pip install 'rsmclip-geo[train]'); "
+                               "or use the onnx backend") from exc
+        self._torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = create_model(bundle.file(TORCH_CONFIG), checkpoint=bundle.file(TORCH_WEIGHTS), device=self.device)
+        self.model = loaded.model
+        log.info("torch backend on %s", self.device)
+
+    def image(self, pixels: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            tensor = self._torch.from_numpy(pixels).to(self.device)
+            return self.model.encode_image(tensor).float().cpu().numpy()
+
+    def text(self, ids: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            tensor = self._torch.from_numpy(ids).to(self.device)
+            return self.model.encode_text(tensor).float().cpu().numpy()
+
+
+class Model:
+    """Encode images and texts with one bundle; every output is L2-normalised float32 [B, D]."""
+
+    def __init__(self, bundle: Bundle, *, providers: Sequence[str] | str | None = None, threads: int | None = None,
+                 backend: str = "onnx", batch_size: int = DEFAULT_BATCH_SIZE, device: str | None = None) -> None:
+        if backend not in BACKENDS:
+            raise RsmclipError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if batch_size < 1:
+            raise RsmclipError(f"batch_size must be at least 1, got {batch_size}")
+        self.bundle = bundle
+        self.info = bundle.info
+        self.backend = backend
+        self.batch_size = int(batch_size)
+        self._tokenizer: TextTokenizer | None = None
+        self._torch: _TorchTowers | None = None
+        if backend == "torch":
+            self._torch = _TorchTowers(bundle, device)
+        else:
+            resolved, forced = resolve_providers(providers)
+            self._image = _OnnxTower(bundle, IMAGE_ONNX, "pixels", resolved, forced, threads)
+            self._text = _OnnxTower(bundle, TEXT_ONNX, "input_ids", resolved, forced, threads)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.info.logit_scale
+
+    @property
+    def embed_dim(self) -> int:
+        return self.info.embed_dim
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.bundle.file(TOKENIZER_JSON), self.info.context_length,
+                                            self.info.pad_id)
+        return self._tokenizer
+
+    def encode_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 [B,H,W,3] array or list of HxWx3 arrays -> float32 [B,D], L2-normalised."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = images[None]
+        count = len(images)
+        if count == 0:
+            raise RsmclipError("images: no images given")
+        parts = [self.encode_pixels(preprocess_images(images[start:start + self.batch_size], self.info))
+                 for start in range(0, count, self.batch_size)]
+        return np.concatenate(parts)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 [B,3,S,S] -> float32 [B,D], L2-normalised."""
+        size = self.info.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
+            raise RsmclipError(f"pixels: expected float32 [B,3,{size},{size}], got shape {pixels.shape}")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        parts = [self._run_image(pixels[start:start + self.batch_size])
+                 for start in range(0, pixels.shape[0], self.batch_size)]
+        return l2_normalize(np.concatenate(parts))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Strings -> float32 [B,D], L2-normalised."""
+        ids = self.tokenizer.encode(texts)
+        parts = [self._run_text(ids[start:start + self.batch_size]) for start in range(0, ids.shape[0], self.batch_size)]
+        return l2_normalize(np.concatenate(parts))
+
+    def encode_token_ids(self, ids: np.ndarray) -> np.ndarray:
+        """int64 ids [B,L] (already tokenised) -> float32 [B,D], L2-normalised."""
+        return l2_normalize(self._run_text(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def _run_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self._torch.image(pixels) if self._torch else self._image.run(pixels)
+
+    def _run_text(self, ids: np.ndarray) -> np.ndarray:
+        return self._torch.text(ids) if self._torch else self._text.run(ids)
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers of the sessions created so far (the requested ones before any session exists)."""
+        if self._torch:
+            return [f"torch:{self._torch.device}"]
+        for tower in (self._image, self._text):
+            if tower._session is not None:
+                return list(tower._session.get_providers())
+        return list(self._image.providers)
+
+
+def load_model(model: str | os.PathLike | Bundle | None = None, providers: Sequence[str] | str | None = None,
+               threads: int | None = None, *, backend: str = "onnx", batch_size: int = DEFAULT_BATCH_SIZE,
+               device: str | None = None) -> Model:
+    """A Model for a bundle path, a bundle name, a loaded Bundle, or None for the default model."""
+    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    return Model(bundle, providers=providers, threads=threads, backend=backend, batch_size=batch_size, device=device)

@@ -1,0 +1,478 @@
+"""Export an open_clip model to a model bundle (ONNX towers + tokenizer.json + bundle.json) with a parity check.
+
+    python -m training.export --model NAME [--checkpoint PATH] [--hf-text-dir DIR] -o DIR
+                              [--precision fp32|fp16|int8] [--torch-weights]
+
+The towers are exported with torch.onnx's dynamo exporter (symbolic batch, dynamic text length,
+opset 18). Before the bundle is moved into place, the probe images and multilingual sentences
+shipped in ``training/probes`` run through torch and through the bundle on ONNX Runtime (the
+runtime's own numpy preprocessing and tokenizer.json tokeniser); the bundle is refused when the
+minimum cosine falls below the precision's threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsmclip_geo import bundle as bundle_format
+from rsmclip_geo.errors import RsmclipError
+from training.model import LoadedModel, architecture_payload, create_model, sha256_file
+
+log = logging.getLogger("training.export")
+
+OPSET = 18
+MAX_IR_VERSION = 10  # readable by onnxruntime >= 1.17
+PARITY_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+PROBES_DIR = Path(__file__).resolve().parent / "probes"
+RSMCLIP_LANGUAGES = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
+_TEMP_OUTPUT = "embedding_out"  # the dynamo exporter may already use "embedding" for an internal value
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids)
+
+
+# ---------------------------------------------------------------- ONNX export
+
+
+def export_tower(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path,
+                 max_length: int | None = None) -> None:
+    """Export one tower with a symbolic batch axis (and text length up to ``max_length``)."""
+    import onnx
+
+    if example.shape[0] < 2:
+        raise ValueError("trace with a batch of at least 2, or the batch axis is specialised to 1")
+    axes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=65536)}
+    if max_length is not None:
+        axes[1] = torch.export.Dim("length", min=2, max=max_length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (example,), None, input_names=[input_name], output_names=[_TEMP_OUTPUT],
+            opset_version=OPSET, dynamo=True, dynamic_shapes={input_name: axes}, verbose=False,
+        )
+    proto = program.model_proto
+    _rename_value(proto.graph, "embedding", "embedding_internal")
+    _rename_value(proto.graph, _TEMP_OUTPUT, "embedding")
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch_dim.dim_param:
+        raise RuntimeError(f"{path.name}: the exported batch axis is fixed ({batch_dim.dim_value}), not symbolic")
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    onnx.save(proto, str(path))
+
+
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    """Rename a value everywhere in a graph (node inputs/outputs, graph inputs/outputs, value_info)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def set_onnx_metadata(path: Path, tower: str, info: dict[str, Any]) -> None:
+    """Repeat the key bundle.json fields in the ONNX file's metadata_props."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    keys = ("format_version", "name", "version", "architecture", "embed_dim", "image_size", "mean", "std",
+            "resize", "interpolation", "context_length", "pad_id", "logit_scale", "precision")
+    props = {"rsmclip_geo.tower": tower, **{f"rsmclip_geo.{key}": json.dumps(info[key]) for key in keys}}
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(path))
+
+
+def convert_precision(path: Path, precision: str) -> None:
+    """Rewrite an fp32 tower as fp16 (float32 inputs/outputs kept) or int8 (dynamic weight quantisation)."""
+    import onnx
+
+    if precision == "fp32":
+        return
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        onnx.save(proto, str(path))
+    elif precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized = path.with_name(path.stem + ".int8.onnx")
+        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+        os.replace(quantized, path)
+    else:
+        raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")
+    proto = onnx.load(str(path))
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    onnx.save(proto, str(path))
+
+
+# ---------------------------------------------------------------- tokenizer.json
+
+
+def bundle_tokenizer_json(loaded: LoadedModel) -> str:
+    """tokenizer.json text for the bundle: the HF tower's own, or converted from open_clip's CLIP BPE."""
+    if loaded.is_hf_text:
+        if not loaded.tokenizer_json:
+            raise RsmclipError(f"{loaded.name}: the HF text tower has no fast tokenizer (tokenizer.json)")
+        return loaded.tokenizer_json
+    return clip_bpe_tokenizer_json(loaded.tokenizer)
+
+
+def clip_bpe_tokenizer_json(simple_tokenizer: Any) -> str:
+    """Convert open_clip's SimpleTokenizer (CLIP byte-level BPE) to a `tokenizers` tokenizer.json.
+
+    Lower-case, NFC, collapsed whitespace; CLIP's word regex; byte-level BPE with ``</w>`` word
+    ends; ``<start_of_text> … <end_of_text>`` added by the post-processor.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    if not hasattr(simple_tokenizer, "bpe_ranks"):
+        raise RsmclipError(f"text tokenizer {type(simple_tokenizer).__name__} is neither an HF tokenizer nor "
+                           "open_clip's CLIP BPE; it cannot be exported")
+    merges = [pair for pair, _ in sorted(simple_tokenizer.bpe_ranks.items(), key=lambda item: item[1])]
+    sot, eot = simple_tokenizer.all_special_ids[:2]
+    sot_token, eot_token = simple_tokenizer.decoder[sot], simple_tokenizer.decoder[eot]
+    tokenizer = Tokenizer(models.BPE(vocab=dict(simple_tokenizer.encoder), merges=merges, end_of_word_suffix="</w>",
+                                     continuing_subword_prefix="", fuse_unk=False, unk_token=eot_token))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{sot_token} $A {eot_token}", special_tokens=[(sot_token, sot), (eot_token, eot)])
+    tokenizer.add_special_tokens([sot_token, eot_token])
+    return tokenizer.to_str()
+
+
+# ---------------------------------------------------------------- bundle.json
+
+
+def describe_architecture(loaded: LoadedModel) -> str:
+    """One line naming the towers, e.g. 'ViT-B/32 (224 px, width 768, 12 layers) + xlm-roberta (768, 12 layers)'."""
+    vision = loaded.config.get("vision_cfg", {})
+    if "timm_model_name" in vision:
+        image = f"timm {vision['timm_model_name']}"
+    else:
+        image = (f"ViT/{vision.get('patch_size', '?')} ({vision.get('image_size', '?')} px, width "
+                 f"{vision.get('width', '?')}, {vision.get('layers', '?')} layers)")
+    if loaded.is_hf_text and loaded.hf_text_config:
+        hf = loaded.hf_text_config
+        text = (f"{hf.get('model_type', 'hf')} ({hf.get('hidden_size', '?')}, {hf.get('num_hidden_layers', '?')} "
+                f"layers, vocab {hf.get('vocab_size', '?')})")
+    else:
+        text_cfg = loaded.config.get("text_cfg", {})
+        text = (f"CLIP text transformer (width {text_cfg.get('width', '?')}, {text_cfg.get('layers', '?')} layers, "
+                f"vocab {text_cfg.get('vocab_size', '?')})")
+    return f"open_clip {type(loaded.model).__name__}: {image} + {text}"
+
+
+def bundle_info(loaded: LoadedModel, *, name: str, version: str, precision: str,
+                languages: Sequence[str] | None, default_tile_size: int | None) -> dict[str, Any]:
+    """bundle.json fields known before export (parity and files are added after measuring)."""
+    pp = loaded.preprocess_cfg
+    size = pp["size"][0] if isinstance(pp["size"], list) else pp["size"]
+    if isinstance(pp["size"], list) and pp["size"][0] != pp["size"][1]:
+        raise RsmclipError(f"{loaded.name}: non-square image size {pp['size']} is not supported by bundles")
+    if pp.get("resize_mode", "shortest") not in bundle_format.RESIZE_POLICIES:
+        raise RsmclipError(f"{loaded.name}: resize mode {pp.get('resize_mode')!r} is not supported by the runtime "
+                           f"({', '.join(bundle_format.RESIZE_POLICIES)})")
+    if loaded.is_hf_text:
+        pad_id = int(loaded.hf_text_config["pad_token_id"])
+        default_languages = RSMCLIP_LANGUAGES
+    else:
+        pad_id = int(loaded.config.get("text_cfg", {}).get("pad_id", 0))
+        default_languages = ("en",)
+    source = {"model": loaded.source.get("model"), "checkpoint_sha256": loaded.source.get("checkpoint_sha256"),
+              "pretrained": loaded.source.get("pretrained")}
+    info: dict[str, Any] = {
+        "format_version": bundle_format.FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "source": source,
+        "architecture": describe_architecture(loaded),
+        "embed_dim": int(loaded.config["embed_dim"]),
+        "image_size": int(size),
+        "mean": [float(v) for v in pp["mean"]],
+        "std": [float(v) for v in pp["std"]],
+        "resize": pp.get("resize_mode", "shortest"),
+        "interpolation": pp.get("interpolation", "bicubic"),
+        "context_length": int(loaded.context_length),
+        "pad_id": pad_id,
+        "languages": list(languages or default_languages),
+        "logit_scale": float(loaded.model.logit_scale.detach().exp().item()),
+        "precision": precision,
+        "parity": {},
+        "files": {},
+    }
+    if default_tile_size is not None:
+        info["default_tile_size"] = int(default_tile_size)
+    return info
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- parity
+
+
+def load_probes(probes_dir: Path | None = None) -> tuple[list[Any], list[str]]:
+    """(PIL RGB images, sentences) from a probes directory (images/*.jpg|png, texts.json {lang: [...]})."""
+    from PIL import Image
+
+    directory = Path(probes_dir) if probes_dir else PROBES_DIR
+    files = sorted(p for p in (directory / "images").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    texts_file = directory / "texts.json"
+    if not files or not texts_file.is_file():
+        raise RsmclipError(f"{directory}: probes need images/*.jpg and texts.json")
+    images = [Image.open(path).convert("RGB") for path in files]
+    texts = [text for sentences in json.loads(texts_file.read_text(encoding="utf-8")).values() for text in sentences]
+    return images, texts
+
+
+def _strip_pad(row: np.ndarray, pad_id: int) -> list[int]:
+    ids = list(int(v) for v in row)
+    while ids and ids[-1] == pad_id:
+        ids.pop()
+    return ids
+
+
+def _normalize(tensor: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(tensor.float(), dim=-1).cpu().numpy()
+
+
+def measure_parity(loaded: LoadedModel, bundle_dir: Path, images: list[Any], texts: list[str]) -> dict[str, Any]:
+    """Torch (open_clip transform + tokenizer) against the bundle on ONNX Runtime (runtime preprocessing + tokenizer)."""
+    from rsmclip_geo.encoders import load_model
+    from rsmclip_geo.preprocess import preprocess_images
+
+    runtime = load_model(bundle_dir, providers=["cpu"])
+    pixels = torch.stack([loaded.preprocess(image) for image in images])
+    runtime_pixels = preprocess_images([np.asarray(image) for image in images], runtime.info)
+    with torch.inference_mode():
+        torch_images = _normalize(loaded.model.encode_image(pixels))
+        torch_ids = loaded.tokenizer(texts)
+        torch_texts = _normalize(loaded.model.encode_text(torch_ids))
+    onnx_images = runtime.encode_pixels(pixels.numpy())
+    onnx_texts = runtime.encode_texts(texts)
+    runtime_ids = runtime.tokenizer.encode(texts)
+    pad_id = runtime.info.pad_id
+    mismatches = sum(_strip_pad(a, pad_id) != _strip_pad(b, pad_id) for a, b in zip(torch_ids.numpy(), runtime_ids))
+    sims_torch = torch_images @ torch_texts.T
+    sims_onnx = onnx_images @ onnx_texts.T
+    k = min(5, len(texts))
+    top_torch = np.argsort(-sims_torch, axis=1)[:, :k]
+    top_onnx = np.argsort(-sims_onnx, axis=1)[:, :k]
+    return {
+        "image_min_cosine": float(np.min(np.sum(torch_images * onnx_images, axis=1))),
+        "text_min_cosine": float(np.min(np.sum(torch_texts * onnx_texts, axis=1))),
+        "top1_agreement": float(np.mean(top_torch[:, 0] == top_onnx[:, 0])),
+        "top5_agreement": float(np.mean([set(a) == set(b) for a, b in zip(top_torch, top_onnx)])),
+        "n_images": len(images),
+        "n_texts": len(texts),
+        "preprocess_max_abs_diff": float(np.max(np.abs(pixels.numpy() - runtime_pixels))),
+        "tokenizer_mismatches": int(mismatches),
+    }
+
+
+def check_parity(parity: dict[str, Any], precision: str) -> None:
+    """Raise RsmclipError when the measured parity is below the precision's threshold."""
+    threshold = PARITY_THRESHOLDS[precision]
+    problems = []
+    for key in ("image_min_cosine", "text_min_cosine"):
+        if not parity[key] >= threshold:
+            problems.append(f"{key} {parity[key]:.6f} < {threshold}")
+    if precision == "int8" and parity["top1_agreement"] < 1.0:
+        problems.append(f"top1_agreement {parity['top1_agreement']:.3f} < 1")
+    if parity["tokenizer_mismatches"]:
+        problems.append(f"tokenizer.json differs from the model's tokenizer on {parity['tokenizer_mismatches']} probe texts")
+    if parity["preprocess_max_abs_diff"] > 1e-5:
+        problems.append(f"runtime preprocessing differs by {parity['preprocess_max_abs_diff']:.3g}")
+    if problems:
+        raise RsmclipError(f"{precision} parity check failed ({'; '.join(problems)}); bundle not written")
+
+
+# ---------------------------------------------------------------- bundle
+
+
+def export_bundle(
+    loaded: LoadedModel,
+    output: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    name: str | None = None,
+    version: str = "1.0",
+    languages: Sequence[str] | None = None,
+    torch_weights: bool = False,
+    default_tile_size: int | None = None,
+    probes_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Export ``loaded`` to a bundle directory at ``output`` (atomically: temp dir, then rename)."""
+    if precision not in PARITY_THRESHOLDS:
+        raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and (not any(output.iterdir()) or (output / "bundle.json").is_file())):
+        raise RsmclipError(f"-o {output}: exists and is not a bundle directory; choose a new output path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    images, texts = load_probes(Path(probes_dir) if probes_dir else None)
+    loaded.model.eval()
+    info = bundle_info(loaded, name=name or output.name, version=version, precision=precision,
+                       languages=languages, default_tile_size=default_tile_size)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        (work / bundle_format.TOKENIZER_JSON).write_text(bundle_tokenizer_json(loaded), encoding="utf-8")
+        write_json(work / bundle_format.BUNDLE_JSON, info)
+        _export_towers(loaded, work, info)
+        for filename, tower in ((bundle_format.IMAGE_ONNX, "image"), (bundle_format.TEXT_ONNX, "text")):
+            convert_precision(work / filename, precision)
+            set_onnx_metadata(work / filename, tower, info)
+        parity = measure_parity(loaded, work, images, texts)
+        log.info("parity: %s", parity)
+        check_parity(parity, precision)
+        info["parity"] = parity
+        if torch_weights:
+            _write_torch_weights(loaded, work)
+        info["files"] = {path.name: sha256_file(path) for path in sorted(work.iterdir())
+                         if path.name != bundle_format.BUNDLE_JSON}
+        write_json(work / bundle_format.BUNDLE_JSON, info)
+        _make_readable(work)
+        _move_into_place(work, output)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _export_towers(loaded: LoadedModel, directory: Path, info: dict[str, Any]) -> None:
+    """Trace both towers with a batch of 2 probe-sized inputs and save them as ONNX."""
+    from rsmclip_geo.tokenizer import TextTokenizer
+
+    size = info["image_size"]
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, size, size, generator=generator)
+    tokenizer = TextTokenizer(directory / bundle_format.TOKENIZER_JSON, info["context_length"], info["pad_id"])
+    ids = torch.from_numpy(tokenizer.encode(["an airport with several planes parked", "un campo de golf"]))
+    if ids.shape[1] < 3:
+        ids = torch.nn.functional.pad(ids, (0, 3 - ids.shape[1]), value=info["pad_id"])
+    export_tower(_ImageTower(loaded.model), pixels, "pixels", directory / bundle_format.IMAGE_ONNX)
+    export_tower(_TextTower(loaded.model), ids, "input_ids", directory / bundle_format.TEXT_ONNX,
+                 max_length=info["context_length"])
+
+
+def _write_torch_weights(loaded: LoadedModel, directory: Path) -> None:
+    """weights.safetensors + open_clip_config.json (the architecture payload) for the torch backend."""
+    from safetensors.torch import save_file
+
+    state = {key: value.detach().cpu().clone().contiguous() for key, value in loaded.model.state_dict().items()}
+    save_file(state, str(directory / bundle_format.TORCH_WEIGHTS))
+    write_json(directory / bundle_format.TORCH_CONFIG, architecture_payload(loaded))
+
+
+def _make_readable(directory: Path) -> None:
+    """Give the temp dir (created 0700) and its files the usual permissions under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+def _move_into_place(work: Path, output: Path) -> None:
+    """Rename the finished temp dir to ``output``, replacing an existing bundle only once the new one is complete."""
+    if not output.exists():
+        os.replace(work, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    os.replace(output, old / output.name)
+    try:
+        os.replace(work, output)
+    except OSError:
+        os.replace(old / output.name, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="open_clip model name, hf-hub:ORG/REPO or model-config JSON path "
+                                        "(optional when --checkpoint stores its architecture)")
+    parser.add_argument("--checkpoint", help="local state dict / open_clip checkpoint")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag or weights file")
+    parser.add_argument("--hf-text-dir", help="local HF config + tokenizer folder for an HF text tower (offline)")
+    parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    parser.add_argument("--precision", choices=tuple(PARITY_THRESHOLDS), default="fp32")
+    parser.add_argument("--name", help="bundle name (default: the output folder name)")
+    parser.add_argument("--version", default="1.0", help="bundle version string")
+    parser.add_argument("--languages", nargs="+", help="languages the text tower was trained on")
+    parser.add_argument("--default-tile-size", type=int, help="default tile size in pixels for this model")
+    parser.add_argument("--torch-weights", action="store_true",
+                        help="also write weights.safetensors + open_clip_config.json for the torch backend")
+    parser.add_argument("--probes", help="probe folder (images/, texts.json) instead of the packaged probes")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        if args.model is None and args.checkpoint is None:
+            raise RsmclipError("--model: required unless --checkpoint stores its architecture")
+        loaded = create_model(args.model, checkpoint=args.checkpoint, hf_text_dir=args.hf_text_dir,
+                              pretrained=args.pretrained)
+        if loaded.source.get("random_init"):
+            log.warning("=" * 72)
+            log.warning("EXPORTING RANDOM WEIGHTS: no --checkpoint, --pretrained or hub weights were given")
+            log.warning("=" * 72)
+        out = export_bundle(loaded, args.output, precision=args.precision, name=args.name, version=args.version,
+                            languages=args.languages, torch_weights=args.torch_weights,
+                            default_tile_size=args.default_tile_size, probes_dir=args.probes)
+    except RsmclipError as exc:
+        print(f"training.export: error: {exc}", file=sys.stderr)
+        return 2
+    info = json.loads((out / bundle_format.BUNDLE_JSON).read_text(encoding="utf-8"))
+    parity = info["parity"]
+    print(f"wrote {out} ({info['precision']}): image min cosine {parity['image_min_cosine']:.7f}, "
+          f"text min cosine {parity['text_min_cosine']:.7f}, top-1 agreement {parity['top1_agreement']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
