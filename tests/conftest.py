@@ -66,15 +66,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    """A tiny open_clip model (ViT + XLM-R-style HF text tower) with seeded random weights."""
+def build_tiny_model(root: Path) -> TinyModel:
+    """Write the tiny open_clip model (ViT + XLM-R-style HF text tower, seeded random weights) under ``root``."""
     import torch
 
     from training.model import create_model, save_checkpoint
     from training.tokenizer import train_tokenizer, write_hf_text_dir
 
-    root = tmp_path_factory.mktemp("tiny_model")
     tokenizer = train_tokenizer(multilingual_corpus(), vocab_size=400)
     hf_dir = write_hf_text_dir(root / "hf_text", tokenizer, context_length=TINY_CONTEXT_LENGTH, **TINY_TEXT_CONFIG)
     config_json = root / "tiny_clip.json"
@@ -85,12 +83,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return TinyModel(config_json=config_json, hf_text_dir=hf_dir, checkpoint=checkpoint)
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> Path:
-    """The tiny model exported as an fp32 bundle directory (with torch weights); returns its Path."""
+def build_tiny_bundle(tiny: TinyModel, out: Path) -> Path:
+    """Export the tiny model as an fp32 bundle directory ``out`` (with torch weights)."""
     from training.export import export_bundle
     from training.model import create_model
 
-    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
-    out = tmp_path_factory.mktemp("bundles") / "tiny-bundle"
-    return export_bundle(loaded, out, name="tiny-bundle", version="0.0.1", torch_weights=True)
+    loaded = create_model(None, checkpoint=tiny.checkpoint)
+    return export_bundle(loaded, out, name=out.name, version="0.0.1", torch_weights=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """A tiny open_clip model (ViT + XLM-R-style HF text tower) with seeded random weights."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> Path:
+    """The tiny model exported as an fp32 bundle directory (with torch weights); returns its Path."""
+    return build_tiny_bundle(tiny_model, tmp_path_factory.mktemp("bundles") / "tiny-bundle")

@@ -326,10 +326,10 @@ class SearchDock(QDockWidget):
         threads = settings.threads or None
 
         def work(progress, cancel):
-            from rsmclip_geo.api import cached_index
+            from rsmclip_geo.api import cached_scene_index
 
             model = self.model_for(settings.model, settings.threads)
-            return model, cached_index(
+            return model, cached_scene_index(
                 path, model=model, tiling=tiling, bands=bands, progress=progress, cancel=cancel, threads=threads
             )
 

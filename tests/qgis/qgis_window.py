@@ -18,20 +18,20 @@ PLUGIN_PARENT = REPO / "qgis_plugin"
 
 from qgis.core import QgsApplication, QgsProject  # noqa: E402
 from qgis.gui import QgsLayerTreeMapCanvasBridge, QgsMapCanvas, QgsMessageBar  # noqa: E402
-from qgis.PyQt.QtCore import QCoreApplication, QSettings, Qt  # noqa: E402
+from qgis.PyQt.QtCore import QCoreApplication, Qt  # noqa: E402
 from qgis.PyQt.QtWidgets import QMainWindow, QMenu, QToolBar, QVBoxLayout, QWidget  # noqa: E402
 
 
 def start_qgis(settings_dir: Path) -> QgsApplication:
-    """Start a GUI QgsApplication (offscreen unless a display is set) with settings in
-    ``settings_dir``."""
+    """Start a GUI QgsApplication (offscreen unless a display is set) whose profile, settings and
+    Qt state all live in ``settings_dir`` (nothing is written to the user's home)."""
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    for variable, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache")):
+        os.environ[variable] = str(settings_dir / sub)
     QCoreApplication.setOrganizationName("rsmclip-geo-tests")
     QCoreApplication.setApplicationName("QGIS3")
-    QSettings.setDefaultFormat(QSettings.IniFormat)
-    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(settings_dir))
-    app = QgsApplication([], True)
+    app = QgsApplication([], True, str(settings_dir / "profiles"))
     app.setPrefixPath(sys.prefix if Path(sys.prefix, "share", "qgis").is_dir() else "/usr", True)
     app.initQgis()
     if str(PLUGIN_PARENT) not in sys.path:
