@@ -65,26 +65,38 @@ def is_importable(module: str) -> bool:
 
 
 def missing_dependencies() -> list[Dependency]:
-    """The DEPENDENCIES (and the core) that cannot be imported now."""
+    """The DEPENDENCIES that cannot be found, or else the core if it fails to import (e.g. a
+    package built for another numpy)."""
     missing = [dep for dep in DEPENDENCIES if not is_importable(dep.module)]
     if not is_importable("rsmclip_geo"):
-        missing.append(
-            Dependency("rsmclip_geo", None, "reinstall the plugin zip (it vendors the rsmclip_geo core)")
-        )
-    return missing
+        missing.append(Dependency("rsmclip_geo", None, "reinstall the plugin zip (it vendors the rsmclip_geo core)"))
+    if missing:
+        return missing
+    try:
+        importlib.import_module("rsmclip_geo.api")
+    except ImportError as exc:
+        return [Dependency("rsmclip_geo", None, f"the core fails to import ({exc}); fix or remove the package named")]
+    return []
 
 
 def pip_constraints() -> list[str]:
     """Pins that keep pip from replacing what QGIS's Python already links against.
 
     numpy stays at the running version; pyarrow 22+ requires numpy 2, so with numpy 1 it stays
-    below 22 (onnxruntime, tokenizers and shapely wheels accept numpy >= 1.22).
+    below 22 (onnxruntime, tokenizers and shapely wheels accept numpy >= 1.22). affine stays at
+    the system's version: rasterio 1.3's compiled code fails with affine 3.
     """
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
 
     pins = [f"numpy=={numpy.__version__}"]
     if int(numpy.__version__.split(".")[0]) < 2:
         pins.append("pyarrow<22")
+    try:
+        pins.append(f"affine=={version('affine')}")
+    except PackageNotFoundError:
+        pass
     return pins
 
 

@@ -54,6 +54,7 @@ class SearchDock(QDockWidget):
         self._build()
         self._restore(self.settings)
         self.check_dependencies()
+        QgsProject.instance().layerWillBeRemoved.connect(self._layer_removed)
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -148,6 +149,7 @@ class SearchDock(QDockWidget):
         self.threshold.setSingleStep(0.01)
         self.threshold.setDecimals(3)
         self.threshold.setPrefix("score ≥ ")
+        self.threshold.setSpecialValueText("any score")
         self.heatmap = QCheckBox("Heatmap")
         self.heatmap.setToolTip("Also add a raster of every tile's score for each text query")
         options.addWidget(self.top_k)
@@ -263,10 +265,21 @@ class SearchDock(QDockWidget):
 
     def shutdown(self) -> None:
         """Cancel running work and store the settings (plugin unload)."""
+        QgsProject.instance().layerWillBeRemoved.disconnect(self._layer_removed)
         for task in (self.index_task, self.search_task):
             if task is not None:
                 task.cancel()
         self.save_settings()
+
+    def _layer_removed(self, layer_id: str) -> None:
+        """Forget the index when its raster leaves the project, the result list with its layer."""
+        if self.indexed_layer is not None and layer_id == self.indexed_layer.id() and self.index_task is None:
+            self.index, self.indexed_layer = None, None
+            self.progress.setValue(0)
+            self.status.setText("Not indexed")
+        if self.result_layer is not None and layer_id == self.result_layer.id():
+            self.result_layer, self.current_hits = None, []
+            self.results.clear()
 
     # ------------------------------------------------------------------ models
     def refresh_models(self) -> None:
@@ -339,7 +352,8 @@ class SearchDock(QDockWidget):
         self.status.setText(f"Indexing {layer.name()} …")
         self.index_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.index_task = self._run_task(f"Indexing {layer.name()} (RS-M-CLIP)", work, self._indexing_done)
+        name = layer.name()
+        self.index_task = self._run_task(f"Indexing {name} (RS-M-CLIP)", work, lambda t: self._indexing_done(t, name))
         self.index_task.progressChanged.connect(lambda value: self.progress.setValue(round(value)))
 
     def cancel_indexing(self) -> None:
@@ -347,7 +361,7 @@ class SearchDock(QDockWidget):
             self.index_task.cancel()
             self.status.setText("Cancelling …")
 
-    def _indexing_done(self, task) -> None:
+    def _indexing_done(self, task, name: str) -> None:
         self.index_task = None
         self.index_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
@@ -361,7 +375,7 @@ class SearchDock(QDockWidget):
             return
         self.model, self.index = task.result
         self.progress.setValue(100)
-        self.status.setText(f"{self.indexed_layer.name()}: {len(self.index)} tiles indexed ({self.index.path.name})")
+        self.status.setText(f"{name}: {len(self.index)} tiles indexed ({self.index.path.name})")
 
     def report_error(self, task) -> None:
         """The core's one-line message for RsmclipError, the exception otherwise."""
@@ -382,7 +396,7 @@ class SearchDock(QDockWidget):
         def find(index, model, s: PanelSettings):
             from rsmclip_geo.search import search_index
 
-            hits = search_index(index, query, model=model, top_k=s.top_k, threshold=s.threshold)
+            hits = search_index(index, query, model=model, top_k=s.top_k, threshold=score_threshold(s))
             return hits, (write_query_heatmap(index, model, query) if s.heatmap else None)
 
         self._search(query, find)
@@ -398,7 +412,7 @@ class SearchDock(QDockWidget):
         def find(index, model, s: PanelSettings):
             from rsmclip_geo.search import similar
 
-            return similar(index, tile_id=tile_id, model=model, top_k=s.top_k, threshold=s.threshold), None
+            return similar(index, tile_id=tile_id, model=model, top_k=s.top_k, threshold=score_threshold(s)), None
 
         self._search(f"similar to #{item.text(0)} of {self.result_layer.name()}", find)
 
@@ -418,27 +432,27 @@ class SearchDock(QDockWidget):
         self.search_task = self._run_task(
             f"Searching '{name}' (RS-M-CLIP)",
             lambda progress, cancel: find(index, model, settings),
-            lambda task: self._search_done(task, name),
+            lambda task: self._search_done(task, name, index),
         )
 
-    def _search_done(self, task, name: str) -> None:
+    def _search_done(self, task, name: str, index) -> None:
         self.search_task = None
         self.search_button.setEnabled(True)
         self.similar_button.setEnabled(True)
+        if task.cancelled:
+            return
         if task.error is not None:
             self.report_error(task)
             return
-        if task.cancelled:
-            return
         hits, heatmap = task.result
-        self.show_hits(name, hits, heatmap)
+        self.show_hits(name, hits, heatmap, index)
 
-    def show_hits(self, name: str, hits, heatmap: Path | None) -> None:
-        """Add the hits as a layer above the indexed raster and list them."""
+    def show_hits(self, name: str, hits, heatmap: Path | None, index) -> None:
+        """Add the hits (of ``index``) as a layer above the indexed raster and list them."""
         from .layers import add_above, heatmap_layer, hits_layer
 
-        scene = next(iter(self.index.scenes.values()))
-        rings = [self.index.scene_footprint(self.index.row_of(hit.tile_id)) for hit in hits]
+        scene = next(iter(index.scenes.values()))
+        rings = [index.scene_footprint(index.row_of(hit.tile_id)) for hit in hits]
         layer = hits_layer(hits, rings, scene["crs"], name)
         if heatmap is not None:
             add_above(heatmap_layer(heatmap, f"{name} heatmap"), self.indexed_layer)
@@ -451,7 +465,7 @@ class SearchDock(QDockWidget):
             item.setData(0, Qt.UserRole, hit.tile_id)
             self.results.addTopLevelItem(item)
         if not hits:
-            self.message(f"No tile scores above {self.threshold.value():.3f} for '{name}'", Qgis.Info)
+            self.message(f"No tile reaches the score threshold for '{name}'", Qgis.Info)
 
     # ----------------------------------------------------------- results, export
     def zoom_to_item(self, item: QTreeWidgetItem) -> None:
@@ -498,6 +512,11 @@ class SearchDock(QDockWidget):
         self.settings.export_dir = str(written.parent)
         self.save_settings()
         self.message(f"Exported {len(self.current_hits)} tiles to {written}", Qgis.Success)
+
+
+def score_threshold(settings: PanelSettings) -> float | None:
+    """The minimum score to keep; None at the spin box's minimum ("any score")."""
+    return None if settings.threshold <= -1.0 else settings.threshold
 
 
 def raster_path(layer) -> str:

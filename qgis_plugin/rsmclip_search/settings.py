@@ -20,7 +20,7 @@ class PanelSettings:
     scales: str = "1"  # comma-separated multiples of the tile size
     threads: int = 0  # 0 = let ONNX Runtime and the readers choose
     top_k: int = 10
-    threshold: float = 0.0
+    threshold: float = -1.0  # -1 = any score
     heatmap: bool = False
     export_dir: str = ""
 

@@ -75,7 +75,7 @@ def test_settings_persist_between_sessions(iface):
         dock.heatmap.setChecked(False)
         dock.threads.setValue(0)
         dock.overlap.setValue(0)
-        dock.threshold.setValue(0)
+        dock.threshold.setValue(-1)
         dock.top_k.setValue(10)
         second.unload()
 

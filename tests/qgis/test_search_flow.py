@@ -97,7 +97,7 @@ def test_index_then_query_makes_scored_layer_in_raster_crs(indexed, iface):
         assert raster.extent().contains(feature.geometry().boundingBox())
         assert math.isclose(feature.geometry().area(), (64 * 0.15) ** 2, rel_tol=0.05)
     # The panel shows the core's answer, nothing else.
-    core = search_index(dock.index, "carros estacionados na rua", model=dock.model, top_k=5, threshold=0.0)
+    core = search_index(dock.index, "carros estacionados na rua", model=dock.model, top_k=5)
     assert [f["tile_id"] for f in features] == [h.tile_id for h in core]
     assert [round(f["score"], 5) for f in features] == [round(h.score, 5) for h in core]
     # Styled by score, labelled by rank, placed just above the raster.
@@ -228,3 +228,22 @@ def test_bad_model_directory_error_in_message_bar(plugin, iface, shared_data, tm
     texts = messages(iface)
     assert any(str(tmp_path) in text for text in texts), texts
     assert all("Traceback" not in text for text in texts)
+
+
+def test_query_before_indexing_is_explained(plugin, iface, shared_data):
+    add_raster(shared_data / "geotiff" / SCENE)
+    dock = open_panel(plugin)
+    type_query(dock, "aeroporto")
+    assert dock.search_task is None
+    assert any("Index a raster layer first" in text for text in messages(iface))
+    assert not QgsProject.instance().mapLayersByName("aeroporto")
+
+
+def test_removing_the_raster_forgets_its_index_and_results(indexed):
+    dock, raster = indexed
+    type_query(dock, "piscina")
+    assert dock.results.topLevelItemCount() > 0
+    QgsProject.instance().removeMapLayer(dock.result_layer.id())
+    assert dock.results.topLevelItemCount() == 0 and not dock.current_hits
+    QgsProject.instance().removeMapLayer(raster.id())
+    assert dock.index is None and dock.status.text() == "Not indexed"
