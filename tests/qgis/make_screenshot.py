@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qgis_window import DesktopIface, process_until, start_qgis  # noqa: E402
+from qgis_window import DesktopIface, process_until, start_qgis, type_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     process_until(lambda: dock.index_task is None, timeout=600)
     if dock.index is None:
         sys.exit("make_screenshot.py: indexing failed: " + "; ".join(i.text() for i in iface.bar.items()))
-    QTest.keyClicks(dock.query, args.query)
+    type_text(dock.query, args.query)
     QTest.keyClick(dock.query, Qt.Key_Return)
     process_until(lambda: dock.search_task is None, timeout=300)
     iface.bar.clearWidgets()
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, args.output)
     print(args.output)
     plugin.unload()
-    app.exitQgis()
+    QgsProject.instance().removeAllMapLayers()
+    iface.window.close()
     return 0
 
 

@@ -1,5 +1,5 @@
 """A real QGIS desktop window for tests and screenshots: QgsApplication, QMainWindow, QgsMapCanvas
-bound to the project's layer tree, a message bar, a toolbar and a Raster menu.
+bound to the project's layer tree, a Layers panel, a message bar, a toolbar and a Raster menu.
 
 ``DesktopIface`` offers the QgisInterface methods the plugin calls, implemented on those real
 widgets, so the plugin runs exactly as it does inside QGIS.
@@ -16,10 +16,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_PARENT = REPO / "qgis_plugin"
 
-from qgis.core import QgsApplication, QgsProject  # noqa: E402
-from qgis.gui import QgsLayerTreeMapCanvasBridge, QgsMapCanvas, QgsMessageBar  # noqa: E402
+from qgis.core import QgsApplication, QgsLayerTreeModel, QgsProject  # noqa: E402
+from qgis.gui import QgsLayerTreeMapCanvasBridge, QgsLayerTreeView, QgsMapCanvas, QgsMessageBar  # noqa: E402
 from qgis.PyQt.QtCore import QCoreApplication, Qt  # noqa: E402
-from qgis.PyQt.QtWidgets import QMainWindow, QMenu, QToolBar, QVBoxLayout, QWidget  # noqa: E402
+from qgis.PyQt.QtGui import QInputMethodEvent  # noqa: E402
+from qgis.PyQt.QtTest import QTest  # noqa: E402
+from qgis.PyQt.QtWidgets import (  # noqa: E402
+    QApplication,
+    QDockWidget,
+    QMainWindow,
+    QMenu,
+    QToolBar,
+    QVBoxLayout,
+    QWidget,
+)
 
 
 def start_qgis(settings_dir: Path) -> QgsApplication:
@@ -60,7 +70,17 @@ class DesktopIface:
         self.raster_menu = QMenu("&Raster")
         self.window.menuBar().addMenu(self.raster_menu)
         self.plugin_menus: dict[str, QMenu] = {}
-        self.bridge = QgsLayerTreeMapCanvasBridge(QgsProject.instance().layerTreeRoot(), self.canvas)
+        root = QgsProject.instance().layerTreeRoot()
+        self.bridge = QgsLayerTreeMapCanvasBridge(root, self.canvas)
+        self.layer_model = QgsLayerTreeModel(root)
+        self.layer_model.setFlag(QgsLayerTreeModel.AllowNodeChangeVisibility)
+        self.layer_model.setFlag(QgsLayerTreeModel.ShowLegendAsTree)
+        self.layer_tree = QgsLayerTreeView()
+        self.layer_tree.setModel(self.layer_model)
+        layers_dock = QDockWidget("Layers")
+        layers_dock.setObjectName("Layers")
+        layers_dock.setWidget(self.layer_tree)
+        self.window.addDockWidget(Qt.LeftDockWidgetArea, layers_dock)
 
     # --- QgisInterface methods the plugin calls ---
     def mainWindow(self) -> QMainWindow:  # noqa: N802
@@ -111,3 +131,14 @@ def process_until(done: Callable[[], bool], timeout: float = 120.0) -> None:
             raise TimeoutError(f"condition not met within {timeout:.0f} s")
         QCoreApplication.processEvents()
         time.sleep(0.01)
+
+
+def type_text(widget, text: str) -> None:
+    """Type into a widget: key presses for ASCII, an input-method commit (how CJK and other
+    composed text arrives from an IME) for anything else."""
+    if text.isascii():
+        QTest.keyClicks(widget, text)
+        return
+    event = QInputMethodEvent()
+    event.setCommitString(text)
+    QApplication.sendEvent(widget, event)

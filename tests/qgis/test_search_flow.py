@@ -10,10 +10,9 @@ import pytest
 from conftest import add_raster
 from qgis.core import QgsGraduatedSymbolRenderer, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt, QTimer
-from qgis.PyQt.QtGui import QInputMethodEvent
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QApplication, QFileDialog
-from qgis_window import process_until
+from qgis_window import process_until, type_text
 
 SCENE = "colorado_rgb_15cm.tif"  # 383 x 232 px, EPSG:26913
 
@@ -35,17 +34,6 @@ def index_layer(dock, layer, bundle, tile_px: int = 64, scales: str = "1", timeo
     QTest.mouseClick(dock.index_button, Qt.LeftButton)
     assert dock.index_task is not None
     process_until(lambda: dock.index_task is None, timeout=timeout)
-
-
-def type_text(widget, text: str) -> None:
-    """Type into a widget: key presses for ASCII, an input-method commit (how CJK and other
-    composed text arrives from an IME) for everything else."""
-    if text.isascii():
-        QTest.keyClicks(widget, text)
-        return
-    event = QInputMethodEvent()
-    event.setCommitString(text)
-    QApplication.sendEvent(widget, event)
 
 
 def type_query(dock, text: str, timeout: float = 120):
