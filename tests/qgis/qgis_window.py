@@ -72,10 +72,10 @@ class DesktopIface:
         self.plugin_menus: dict[str, QMenu] = {}
         root = QgsProject.instance().layerTreeRoot()
         self.bridge = QgsLayerTreeMapCanvasBridge(root, self.canvas)
-        self.layer_model = QgsLayerTreeModel(root)
+        self.layer_tree = QgsLayerTreeView()
+        self.layer_model = QgsLayerTreeModel(root, self.layer_tree)  # owned by its view
         self.layer_model.setFlag(QgsLayerTreeModel.AllowNodeChangeVisibility)
         self.layer_model.setFlag(QgsLayerTreeModel.ShowLegendAsTree)
-        self.layer_tree = QgsLayerTreeView()
         self.layer_tree.setModel(self.layer_model)
         layers_dock = QDockWidget("Layers")
         layers_dock.setObjectName("Layers")
