@@ -65,7 +65,7 @@ class SearchDock(QDockWidget):
         deps_layout = QVBoxLayout(self.deps_box)
         self.deps_label = QLabel()
         self.deps_label.setWordWrap(True)
-        self.deps_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.deps_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.install_button = QPushButton("Install with pip into the plugin folder")
         self.install_button.clicked.connect(self.install_dependencies)
         deps_layout.addWidget(self.deps_label)
@@ -75,7 +75,7 @@ class SearchDock(QDockWidget):
         index_box = QGroupBox("Index a raster layer")
         form = QFormLayout(index_box)
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         form.addRow("Raster layer", self.layer_combo)
         model_row = QHBoxLayout()
         self.model_combo = QComboBox()
@@ -160,7 +160,7 @@ class SearchDock(QDockWidget):
         self.results.setColumnCount(3)
         self.results.setHeaderLabels(["Rank", "Score", "Tile"])
         self.results.setRootIsDecorated(False)
-        self.results.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.results.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.results.itemClicked.connect(self.zoom_to_item)
         search.addWidget(self.results, 1)
         result_buttons = QHBoxLayout()
@@ -243,17 +243,17 @@ class SearchDock(QDockWidget):
         self.install_button.setEnabled(True)
         done = task.result
         if task.error is not None:
-            self.message(f"Installing dependencies failed: {task.error}", Qgis.Critical)
+            self.message(f"Installing dependencies failed: {task.error}", Qgis.MessageLevel.Critical)
         elif done.returncode != 0:
             lines = (done.stderr or done.stdout or "no output").strip().splitlines()
-            self.message(f"pip failed (exit {done.returncode}): {lines[-1]}", Qgis.Critical)
+            self.message(f"pip failed (exit {done.returncode}): {lines[-1]}", Qgis.MessageLevel.Critical)
         if self.check_dependencies():
-            self.message("Dependencies installed", Qgis.Success)
+            self.message("Dependencies installed", Qgis.MessageLevel.Success)
 
     # ------------------------------------------------------------------ helpers
-    def message(self, text: str, level=Qgis.Info) -> None:
+    def message(self, text: str, level=Qgis.MessageLevel.Info) -> None:
         """Show ``text`` in QGIS's message bar (errors stay until closed)."""
-        duration = 0 if level == Qgis.Critical else 5
+        duration = 0 if level == Qgis.MessageLevel.Critical else 5
         self.iface.messageBar().pushMessage(TITLE, text, level=level, duration=duration)
 
     def _run_task(self, description: str, work, on_done) -> QgsTask:
@@ -332,7 +332,7 @@ class SearchDock(QDockWidget):
             settings = self.current_settings()
             tiling = tiling_params(settings)
         except RsmclipError as exc:
-            self.message(str(exc), Qgis.Critical)
+            self.message(str(exc), Qgis.MessageLevel.Critical)
             return
         self.save_settings()
         bands = rendered_bands(layer)
@@ -383,14 +383,14 @@ class SearchDock(QDockWidget):
 
         error = task.error
         text = str(error) if isinstance(error, RsmclipError) else f"{type(error).__name__}: {error}"
-        self.message(text, Qgis.Critical)
+        self.message(text, Qgis.MessageLevel.Critical)
 
     # ------------------------------------------------------------------ search
     def start_search(self) -> None:
         """Search the index for the query text (Enter in the query box)."""
         query = self.query.text().strip()
         if not query:
-            self.message("Type a query, e.g. 'aeroporto' or 'storage tanks'", Qgis.Warning)
+            self.message("Type a query, e.g. 'aeroporto' or 'storage tanks'", Qgis.MessageLevel.Warning)
             return
 
         def find(index, model, s: PanelSettings):
@@ -405,9 +405,9 @@ class SearchDock(QDockWidget):
         """Search for tiles like the selected result tile."""
         item = self.results.currentItem()
         if item is None:
-            self.message("Select a result tile first, then Find similar", Qgis.Warning)
+            self.message("Select a result tile first, then Find similar", Qgis.MessageLevel.Warning)
             return
-        tile_id = item.data(0, Qt.UserRole)
+        tile_id = item.data(0, Qt.ItemDataRole.UserRole)
 
         def find(index, model, s: PanelSettings):
             from rsmclip_geo.search import similar
@@ -420,7 +420,7 @@ class SearchDock(QDockWidget):
         """Run ``find(index, model, settings) -> (hits, heatmap path | None)`` in a task and show
         its hits as the layer ``name``."""
         if self.index is None:
-            self.message("Index a raster layer first (Index layer)", Qgis.Warning)
+            self.message("Index a raster layer first (Index layer)", Qgis.MessageLevel.Warning)
             return
         if self.search_task is not None:
             return
@@ -462,10 +462,10 @@ class SearchDock(QDockWidget):
         self.results.clear()
         for hit in hits:
             item = QTreeWidgetItem([str(hit.rank), f"{hit.score:.3f}", hit.tile_id])
-            item.setData(0, Qt.UserRole, hit.tile_id)
+            item.setData(0, Qt.ItemDataRole.UserRole, hit.tile_id)
             self.results.addTopLevelItem(item)
         if not hits:
-            self.message(f"No tile reaches the score threshold for '{name}'", Qgis.Info)
+            self.message(f"No tile reaches the score threshold for '{name}'", Qgis.MessageLevel.Info)
 
     # ----------------------------------------------------------- results, export
     def zoom_to_item(self, item: QTreeWidgetItem) -> None:
@@ -481,7 +481,7 @@ class SearchDock(QDockWidget):
 
     def zoom_to_best(self) -> None:
         if self.results.topLevelItemCount() == 0:
-            self.message("No results yet: search first", Qgis.Warning)
+            self.message("No results yet: search first", Qgis.MessageLevel.Warning)
             return
         best = self.results.topLevelItem(0)
         self.results.setCurrentItem(best)
@@ -493,25 +493,25 @@ class SearchDock(QDockWidget):
         from rsmclip_geo.export import write_hits
 
         if not self.current_hits:
-            self.message("No results to export: search first", Qgis.Warning)
+            self.message("No results to export: search first", Qgis.MessageLevel.Warning)
             return
         start = str(Path(self.settings.export_dir or Path.home()) / f"{self.result_layer.name()}.geojson")
         dialog = QFileDialog(self, "Export results as GeoJSON", start, "GeoJSON (*.geojson *.json)")
         dialog.setObjectName("RsmclipExportDialog")
-        dialog.setAcceptMode(QFileDialog.AcceptSave)
+        dialog.setAcceptMode(QFileDialog.AcceptMode.AcceptSave)
         dialog.setDefaultSuffix("geojson")
-        dialog.setOption(QFileDialog.DontUseNativeDialog, True)
-        if not dialog.exec_() or not dialog.selectedFiles():
+        dialog.setOption(QFileDialog.Option.DontUseNativeDialog, True)
+        if not dialog.exec() or not dialog.selectedFiles():
             return
         target = Path(dialog.selectedFiles()[0])
         try:
             written = write_hits(self.current_hits, target)
         except RsmclipError as exc:
-            self.message(str(exc), Qgis.Critical)
+            self.message(str(exc), Qgis.MessageLevel.Critical)
             return
         self.settings.export_dir = str(written.parent)
         self.save_settings()
-        self.message(f"Exported {len(self.current_hits)} tiles to {written}", Qgis.Success)
+        self.message(f"Exported {len(self.current_hits)} tiles to {written}", Qgis.MessageLevel.Success)
 
 
 def score_threshold(settings: PanelSettings) -> float | None:

@@ -83,7 +83,7 @@ def style_by_score(layer: QgsVectorLayer, scores: Sequence[float]) -> None:
         fill.setAlpha(FILL_ALPHA)
         symbol = QgsFillSymbol.createSimple(
             {
-                "color": fill.name(QColor.HexArgb),
+                "color": fill.name(QColor.NameFormat.HexArgb),
                 "outline_color": color.name(),
                 "outline_width": "0.7",
             }
@@ -98,7 +98,7 @@ def label_by_rank(layer: QgsVectorLayer) -> None:
     """Rank numbers at the tile centres, with a white buffer."""
     settings = QgsPalLayerSettings()
     settings.fieldName = "rank"
-    settings.placement = QgsPalLayerSettings.OverPoint
+    settings.placement = QgsPalLayerSettings.Placement.OverPoint
     text = QgsTextFormat()
     text.setSize(10)
     buffer = QgsTextBufferSettings()

@@ -25,7 +25,7 @@ class RsmclipSearchPlugin:
 
         self.dock = SearchDock(self.iface, self.iface.mainWindow())
         self.dock.hide()
-        self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.action = QAction(QIcon(ICON), "RS-M-CLIP Search", self.iface.mainWindow())
         self.action.setCheckable(True)
         self.action.setToolTip("Search raster tiles with text in any language (RS-M-CLIP)")

@@ -25,7 +25,7 @@ class CoreTask(QgsTask):
     """
 
     def __init__(self, description: str, work: Work, on_done: Callable[["CoreTask"], None]):
-        super().__init__(description, QgsTask.CanCancel)
+        super().__init__(description, QgsTask.Flag.CanCancel)
         self.work = work
         self.on_done = on_done
         self.result: Any = None
