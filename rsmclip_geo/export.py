@@ -137,7 +137,8 @@ def write_heatmap(
         if len(xs) and len(ys):
             block = grid[:, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
             np.fmax(block, tile_scores[:, None, None], out=block)
-    transform = Affine(*record["transform"][:6]) * Affine.scale(cell)
+    a, b, c, d, e, f = record["transform"][:6]
+    transform = Affine(a * cell, b * cell, c, d * cell, e * cell, f)  # scene transform × scale(cell)
     profile = {
         "driver": "GTiff", "width": width, "height": height, "count": len(scores), "dtype": "float32",
         "crs": rasterio.crs.CRS.from_wkt(record["crs"]), "transform": transform, "nodata": float("nan"),

@@ -107,7 +107,7 @@ def batch_table(batch: EmbeddedBatch, schema: pa.Schema) -> pa.Table:
     ys = [y for ring in rings for _, y in ring]
     lon, lat = transform_coords(scene.crs, _WGS84, xs, ys)
     coords = np.column_stack([lon, lat]).reshape(len(windows), 5, 2)
-    polygons = shapely.polygons(coords)
+    polygons = shapely.orient_polygons(shapely.polygons(coords))  # RFC 7946: counter-clockwise exteriors
     dim = batch.embeddings.shape[1]
     flat = pa.array(batch.embeddings.astype(np.float16).ravel(), type=pa.float16())
     columns = {

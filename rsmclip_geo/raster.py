@@ -83,7 +83,7 @@ class Scene:
         px, py = math.hypot(a, d), math.hypot(b, e)
         crs = self.crs
         if crs.is_geographic:
-            _, lat = self.affine * (self.width / 2, self.height / 2)
+            _, lat = apply_affine(self.affine, self.width / 2, self.height / 2)
             metres_per_degree = 111_320.0
             return px * metres_per_degree * math.cos(math.radians(lat)), py * 110_574.0
         _, factor = crs.linear_units_factor
@@ -94,10 +94,17 @@ class Scene:
         return window_ring(self.affine, col, row, width, height)
 
 
+def apply_affine(affine: Affine, x: float, y: float) -> tuple[float, float]:
+    """A point mapped through a geotransform, written out: affine 2.x (QGIS's Python, whose
+    rasterio 1.3 needs it) has no `@`, affine 3.x deprecates `*`."""
+    a, b, c, d, e, f = tuple(affine)[:6]
+    return a * x + b * y + c, d * x + e * y + f
+
+
 def window_ring(affine: Affine, col: float, row: float, width: float, height: float) -> list[tuple[float, float]]:
     """Closed ring of a pixel window's corners mapped through a geotransform."""
     corners = [(col, row), (col + width, row), (col + width, row + height), (col, row + height), (col, row)]
-    return [tuple(affine * c) for c in corners]
+    return [apply_affine(affine, x, y) for x, y in corners]
 
 
 def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None) -> Scene:
@@ -110,7 +117,9 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(path)
     except RasterioError as exc:
-        raise RasterError(f"{path}: not a readable raster ({_first_line(exc)}); give a GeoTIFF") from None
+        raise RasterError(
+            f"{path}: cannot be opened as a raster ({_first_line(exc)}); it is not a raster or it is "
+            "truncated or corrupt; give a GeoTIFF") from None
     with src:
         if src.crs is None or src.transform == Affine.identity():
             raise RasterError(
@@ -119,7 +128,7 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
                 "pixel-space search is not supported"
             )
         rgb, alpha = choose_bands(src, bands, path)
-        if not src.is_tiled and max(src.width, src.height) > UNTILED_WARN_SIZE:
+        if src.block_shapes[0][1] == src.width and max(src.width, src.height) > UNTILED_WARN_SIZE:
             log.warning(
                 "%s is not internally tiled: windowed reads will be slow; convert it with "
                 "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE", path)
@@ -263,5 +272,8 @@ class SceneReader:
 
 
 def _first_line(exc: BaseException) -> str:
+    """First line of an error message, preferring GDAL's underlying cause."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,199 @@
+"""Scenes: band mapping, stretch, masks, fingerprints and unusable rasters, on real GeoTIFFs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.transform import Affine
+from rasters import truncated_copy, write_geotiff
+
+from rsmclip_geo.errors import RasterError
+from rsmclip_geo.raster import SceneReader, open_scene, scene_fingerprint
+
+
+@pytest.fixture
+def geotiff(shared_data):
+    return shared_data / "geotiff"
+
+
+@pytest.mark.parametrize(
+    "name, rgb, alpha, epsg",
+    [
+        ("colorado_rgb_15cm.tif", (1, 2, 3), None, 26913),
+        ("colorado_rgba_alpha_15cm.tif", (1, 2, 3), 4, 26913),
+        ("colorado_rgb_nodata_15cm.tif", (1, 2, 3), None, 26913),
+        ("pix4d_farm_rgba_35cm.tif", (1, 2, 3), 4, 32750),
+        ("fotomap_4band_2cm.tif", (1, 2, 3), 4, 32633),
+    ],
+)
+def test_rgb_bands_from_colour_interpretation(geotiff, name, rgb, alpha, epsg):
+    scene = open_scene(geotiff / name)
+    assert scene.rgb_bands == rgb
+    assert scene.alpha_band == alpha
+    assert scene.crs.to_epsg() == epsg
+    assert scene.stretch is None  # uint8 is used as is
+
+
+def test_untagged_four_band_float_needs_bands(geotiff):
+    # rotterdam: colour interpretation gray/undefined×3; bands are B, G, R, NIR (inspected by rendering)
+    with pytest.raises(RasterError, match=r"--bands") as info:
+        open_scene(geotiff / "rotterdam_tanks_4band_1m.tif")
+    assert "\n" not in str(info.value)
+    scene = open_scene(geotiff / "rotterdam_tanks_4band_1m.tif", bands=(3, 2, 1))
+    assert scene.rgb_bands == (3, 2, 1) and scene.dtype == "float64"
+    with rasterio.open(scene.path) as src:
+        red = src.read(3)
+    filled = red[red > 0]
+    low, high = scene.stretch[0]
+    assert low == pytest.approx(np.percentile(filled, 2), rel=0.05, abs=2)
+    assert high == pytest.approx(np.percentile(filled, 98), rel=0.05)
+
+
+def test_float_stretch_is_per_scene_not_per_tile(geotiff):
+    scene = open_scene(geotiff / "rotterdam_harbor_4band_1m.tif", bands=(3, 2, 1))
+    with rasterio.open(scene.path) as src:
+        raw = src.read([3, 2, 1], window=rasterio.windows.Window(150, 200, 64, 64))
+    with SceneReader(scene) as reader:
+        rgb, valid = reader.read_rgb(150, 200, 64, 64)
+    for band in range(3):
+        low, high = scene.stretch[band]
+        expected = np.clip((raw[band] - low) * 255.0 / (high - low), 0, 255).astype(np.uint8)
+        assert np.abs(rgb[..., band].astype(int) - expected.astype(int)).max() <= 1
+    assert valid.all()
+
+
+def test_bad_band_choice(geotiff):
+    with pytest.raises(RasterError, match=r"--bands 1,2,7"):
+        open_scene(geotiff / "colorado_rgb_15cm.tif", bands=(1, 2, 7))
+
+
+def test_grey_band_replicated_and_uint16_stretched(tmp_path):
+    data = np.linspace(1000, 5000, 64 * 80, dtype=np.float64).reshape(1, 64, 80).astype(np.uint16)
+    path = write_geotiff(tmp_path / "grey16.tif", data)
+    scene = open_scene(path)
+    assert scene.rgb_bands == (1, 1, 1)
+    assert scene.stretch is not None and scene.stretch[0][0] > 1000
+    with SceneReader(scene) as reader:
+        rgb, valid = reader.read_rgb(0, 0, 80, 64)
+    assert rgb.shape == (64, 80, 3) and valid.all()
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+
+
+def test_grey_plus_alpha(tmp_path):
+    grey = np.full((1, 40, 40), 120, np.uint8)
+    grey[0, :, :20] = 60
+    alpha = np.zeros((1, 40, 40), np.uint8)
+    alpha[0, 20:] = 255
+    path = write_geotiff(tmp_path / "ga.tif", np.concatenate([grey, alpha]),
+                         colorinterp=[ColorInterp.gray, ColorInterp.alpha])
+    scene = open_scene(path)
+    assert scene.rgb_bands == (1, 1, 1) and scene.alpha_band == 2
+    with SceneReader(scene) as reader:
+        rgb, valid = reader.read_rgb(0, 0, 40, 40)
+    assert not valid[:20].any() and valid[20:].all()
+    assert (rgb[:20] == 0).all() and rgb[30, 5, 1] == 60
+
+
+def test_two_unrelated_bands_have_no_rgb_mapping(tmp_path):
+    path = write_geotiff(tmp_path / "two.tif", np.ones((2, 16, 16), np.uint8),
+                         colorinterp=[ColorInterp.undefined, ColorInterp.undefined])
+    with pytest.raises(RasterError, match=r"two\.tif: 2 bands .*--bands"):
+        open_scene(path)
+
+
+def test_alpha_and_nodata_masks(geotiff):
+    alpha = open_scene(geotiff / "colorado_rgba_alpha_15cm.tif")
+    with rasterio.open(alpha.path) as src:
+        expected = src.read(4, window=rasterio.windows.Window(0, 0, 120, 100)) > 0
+    with SceneReader(alpha) as reader:
+        rgb, valid = reader.read_rgb(0, 0, 120, 100)
+    assert (valid == expected).all() and not expected.all()
+    assert (rgb[~valid] == 0).all()
+
+    nodata = open_scene(geotiff / "colorado_rgb_nodata_15cm.tif")
+    with rasterio.open(nodata.path) as src:
+        pixels = src.read(window=rasterio.windows.Window(0, 0, 383, 232))
+    with SceneReader(nodata) as reader:
+        _, valid = reader.read_rgb(0, 0, 383, 232)
+    assert (valid == (pixels != 0).any(axis=0)).all() and not valid.all()
+
+
+def test_decimated_window_read(geotiff):
+    scene = open_scene(geotiff / "fotomap_4band_2cm.tif")
+    with SceneReader(scene) as reader:
+        rgb, valid = reader.read_rgb(100, 50, 600, 400, max_size=150)
+        full, _ = reader.read_rgb(100, 50, 600, 400)
+    assert rgb.shape == (100, 150, 3) and valid.shape == (100, 150)
+    # average resampling: the decimated mean equals the full-resolution mean
+    assert abs(rgb.mean() - full.mean()) < 1.5
+
+
+def test_fingerprint_is_content_based(geotiff, tmp_path):
+    source = geotiff / "colorado_rgb_15cm.tif"
+    copy = shutil.copy(source, tmp_path / "renamed.tif")
+    assert scene_fingerprint(copy) == scene_fingerprint(source)
+    raw = bytearray(copy.read_bytes())
+    raw[-10] ^= 0xFF
+    copy.write_bytes(bytes(raw))
+    assert scene_fingerprint(copy) != scene_fingerprint(source)
+
+
+def test_pixel_size_in_metres(geotiff, tmp_path):
+    assert open_scene(geotiff / "colorado_rgb_15cm.tif").pixel_size_m() == pytest.approx((0.15, 0.15), rel=0.01)
+    # geographic CRS at 60° N: a degree of longitude is half as long as at the equator
+    path = write_geotiff(tmp_path / "geo.tif", np.full((3, 32, 32), 90, np.uint8), crs="EPSG:4326",
+                         transform=Affine(1e-5, 0.0, 10.0, 0.0, -1e-5, 60.0))
+    px, py = open_scene(path).pixel_size_m()
+    assert px == pytest.approx(111_320 * 1e-5 * 0.5, rel=0.01)
+    assert py == pytest.approx(1.1057, rel=0.01)
+
+
+def test_not_a_raster(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("these are field notes, not pixels\n")
+    with pytest.raises(RasterError, match=r"notes\.tif: cannot be opened as a raster"):
+        open_scene(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RasterError, match=r"nowhere\.tif: no such file"):
+        open_scene(tmp_path / "nowhere.tif")
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_truncated_tiff(geotiff, tmp_path, tiled):
+    path = truncated_copy(geotiff / "colorado_rgb_15cm.tif", tmp_path / "cut.tif", 0.6, tiled=tiled)
+    with pytest.raises(RasterError, match=r"cut\.tif: .*(truncated or corrupt)") as info:
+        open_scene(path)
+    assert "\n" not in str(info.value)
+
+
+def test_raster_without_georeferencing(tmp_path):
+    path = write_geotiff(tmp_path / "plain.tif", np.full((3, 32, 32), 7, np.uint8), crs=None)
+    with pytest.raises(RasterError, match=r"plain\.tif: raster has no CRS or geotransform.*not supported"):
+        open_scene(path)
+
+
+def test_all_nodata_scene(tmp_path):
+    path = write_geotiff(tmp_path / "empty.tif", np.zeros((3, 32, 32), np.uint8), nodata=0)
+    with pytest.raises(RasterError, match=r"empty\.tif: every pixel is nodata"):
+        open_scene(path)
+
+
+def test_untiled_big_scene_warns(tmp_path, caplog):
+    path = write_geotiff(tmp_path / "strip.tif", np.full((3, 4, 4200), 50, np.uint8))
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        open_scene(path)
+    assert "not internally tiled" in caplog.text
+    caplog.clear()
+    tiled = write_geotiff(tmp_path / "tiled.tif", np.full((3, 16, 4200), 50, np.uint8), tiled=True,
+                          blockxsize=16, blockysize=16)
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        open_scene(tiled)
+    assert "not internally tiled" not in caplog.text
