@@ -354,7 +354,11 @@ class SearchDock(QDockWidget):
         self.cancel_button.setEnabled(True)
         name = layer.name()
         self.index_task = self._run_task(f"Indexing {name} (RS-M-CLIP)", work, lambda t: self._indexing_done(t, name))
-        self.index_task.progressChanged.connect(lambda value: self.progress.setValue(round(value)))
+        self.index_task.progressChanged.connect(self._show_progress)
+
+    def _show_progress(self, percent: float) -> None:
+        """Task progress (emitted from the worker thread, delivered here on the GUI thread)."""
+        self.progress.setValue(round(percent))
 
     def cancel_indexing(self) -> None:
         if self.index_task is not None:

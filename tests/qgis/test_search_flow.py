@@ -8,7 +8,7 @@ import math
 
 import pytest
 from conftest import add_raster
-from qgis.core import QgsGraduatedSymbolRenderer, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import QgsApplication, QgsGraduatedSymbolRenderer, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QApplication, QFileDialog
@@ -196,7 +196,8 @@ def test_cancel_stops_indexing_between_batches(plugin, iface, shared_data, test_
     dock.scales.setText("1")
     QTest.mouseClick(dock.index_button, Qt.LeftButton)
     task = dock.index_task
-    process_until(lambda: task.progress() > 0, timeout=120)
+    assert task in QgsApplication.taskManager().activeTasks()  # shown in QGIS's task bar
+    process_until(lambda: dock.progress.value() > 0, timeout=120)  # the panel follows the task
     QTest.mouseClick(dock.cancel_button, Qt.LeftButton)
     process_until(lambda: dock.index_task is None, timeout=120)
     assert dock.index is None
