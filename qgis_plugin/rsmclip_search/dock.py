@@ -552,15 +552,11 @@ def rendered_bands(layer) -> tuple[int, int, int] | None:
 
 def tiling_params(settings: PanelSettings):
     """The core's TilingParams from the panel settings (RsmclipError on bad values)."""
-    from rsmclip_geo.errors import RsmclipError
+    from rsmclip_geo.cli.search_commands import parse_ints
     from rsmclip_geo.tiling import TilingParams
 
-    try:
-        scales = tuple(int(part) for part in settings.scales.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise RsmclipError(f"Scales '{settings.scales}': give whole numbers separated by commas, e.g. 1,2") from None
     size = {"tile_size": int(round(settings.tile_size))} if settings.tile_unit == "px" else {"tile_size_m": settings.tile_size}
-    return TilingParams(**size, overlap=settings.overlap, scales=scales or (1,))
+    return TilingParams(**size, overlap=settings.overlap, scales=parse_ints(settings.scales, "Scales"))
 
 
 def write_query_heatmap(index, model, query: str) -> Path:

@@ -118,10 +118,6 @@ class DesktopIface:
                 self.raster_menu.removeAction(menu.menuAction())
                 del self.plugin_menus[name]
 
-    def activeLayer(self):  # noqa: N802
-        layers = self.canvas.layers()
-        return layers[0] if layers else None
-
 
 def process_until(done: Callable[[], bool], timeout: float = 120.0) -> None:
     """Run the Qt event loop until ``done()`` is true; raise TimeoutError after ``timeout`` s."""

@@ -236,3 +236,14 @@ def test_removing_the_raster_forgets_its_index_and_results(indexed):
     assert dock.results.topLevelItemCount() == 0 and not dock.current_hits
     QgsProject.instance().removeMapLayer(raster.id())
     assert dock.index is None and dock.status.text() == "Not indexed"
+
+
+def test_bad_scales_are_explained(plugin, iface, shared_data, test_bundle):
+    raster = add_raster(shared_data / "geotiff" / SCENE)
+    dock = open_panel(plugin)
+    dock.layer_combo.setLayer(raster)
+    dock.select_model(str(test_bundle))
+    dock.scales.setText("1,x")
+    QTest.mouseClick(dock.index_button, Qt.LeftButton)
+    assert dock.index_task is None
+    assert any(text.startswith("Scales 1,x") for text in messages(iface)), messages(iface)
