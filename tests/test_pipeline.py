@@ -1,0 +1,130 @@
+"""Embedding pipeline on real GeoTIFFs with the tiny exported bundle (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from rasterio.enums import ColorInterp
+from rasters import truncated_copy, write_geotiff
+
+from rsmclip_geo.encoders import load_model
+from rsmclip_geo.errors import RasterError, RsmclipError
+from rsmclip_geo.pipeline import Cancelled, embed_scene
+from rsmclip_geo.raster import SceneReader, open_scene
+from rsmclip_geo.tiling import TilingParams, tile_windows
+
+PARAMS = TilingParams(tile_size=64)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load_model(tiny_bundle, threads=2)
+
+
+@pytest.fixture
+def colorado(shared_data):
+    return open_scene(shared_data / "geotiff" / "colorado_rgb_15cm.tif")
+
+
+def collect(scene, model, **kwargs):
+    out = {}
+    for batch in embed_scene(scene, model, kwargs.pop("params", PARAMS), **kwargs):
+        for window, vector in zip(batch.windows, batch.embeddings):
+            out[window.tile_id(scene.fingerprint)] = (window, vector)
+    return out
+
+
+def reader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("rsmclip-reader")]
+
+
+def test_embeddings_equal_direct_encoding(colorado, model):
+    got = collect(colorado, model, batch_size=5, threads=2)
+    windows = tile_windows(colorado, PARAMS)
+    assert len(got) == len(windows) == 24
+    with SceneReader(colorado) as reader:
+        tiles = [reader.read_rgb(w.col, w.row, w.width, w.height)[0] for w in windows]
+    expected = model.encode_images(np.stack(tiles))
+    for window, vector in zip(windows, expected):
+        _, embedded = got[window.tile_id(colorado.fingerprint)]
+        np.testing.assert_allclose(embedded, vector, atol=1e-5)
+        assert np.linalg.norm(embedded) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_thread_count_does_not_change_results(colorado, model):
+    params = TilingParams(tile_size=64, overlap=0.5, scales=(1, 2))
+    one = collect(colorado, model, params=params, batch_size=7, threads=1)
+    three = collect(colorado, model, params=params, batch_size=3, threads=3)
+    assert one.keys() == three.keys()
+    for key in one:
+        np.testing.assert_allclose(one[key][1], three[key][1], atol=1e-5)
+    assert not reader_threads()
+
+
+def test_nodata_and_constant_tiles_are_skipped(tmp_path, model):
+    rng = np.random.default_rng(0)
+    data = np.zeros((3, 128, 192), np.uint8)
+    data[:, :, 64:128] = 90  # constant, valid
+    data[:, :, 128:] = rng.integers(1, 255, (3, 128, 64))  # texture
+    alpha = np.zeros((1, 128, 192), np.uint8)
+    alpha[:, :, 64:] = 255  # left third masked
+    path = write_geotiff(tmp_path / "thirds.tif", np.concatenate([data, alpha]),
+                         colorinterp=[ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha])
+    got = collect(open_scene(path), model, batch_size=2)
+    assert sorted((w.col, w.row) for w, _ in got.values()) == [(128, 0), (128, 64)]
+    # min_std 0 keeps the constant tiles; a tile without any valid pixel is never kept
+    loose = collect(open_scene(path), model, params=TilingParams(tile_size=64, min_std=0.0, min_valid=0.0))
+    assert sorted(w.col for w, _ in loose.values()) == [64, 64, 128, 128]
+
+
+def test_zero_filled_border_of_real_scene_is_skipped(shared_data, model):
+    scene = open_scene(shared_data / "geotiff" / "rotterdam_harbor_4band_1m.tif", bands=(3, 2, 1))
+    got = collect(scene, model)
+    windows = tile_windows(scene, PARAMS)
+    skipped = [w for w in windows if w.tile_id(scene.fingerprint) not in got]
+    assert got and skipped
+    with SceneReader(scene) as reader:
+        for w in skipped:
+            rgb, valid = reader.read_rgb(w.col, w.row, w.width, w.height)
+            assert rgb[valid].std() < PARAMS.min_std  # the harbour scene's empty top rows
+
+
+def test_progress_and_skip(colorado, model):
+    calls = []
+    windows = tile_windows(colorado, PARAMS)
+    skip = {w.tile_id(colorado.fingerprint) for w in windows[:10]}
+    got = collect(colorado, model, batch_size=4, skip=skip, progress=lambda d, t: calls.append((d, t)))
+    assert not skip & got.keys() and len(got) == 14
+    assert calls[0] == (0, 14) and calls[-1] == (14, 14)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_cancel_stops_between_batches(colorado, model):
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 2
+
+    seen = []
+    with pytest.raises(Cancelled, match="cancelled"):
+        for batch in embed_scene(colorado, model, PARAMS, batch_size=2, cancel=cancel):
+            seen.append(batch)
+    assert 1 <= len(seen) <= 2
+    assert not reader_threads()
+
+
+def test_read_error_reaches_the_caller(shared_data, tmp_path, model):
+    whole = truncated_copy(shared_data / "geotiff" / "colorado_rgb_15cm.tif", tmp_path / "cut.tif", 1.0, tiled=True)
+    scene = open_scene(whole)
+    truncated_copy(whole, whole, 0.5)  # the file is cut after the scene was opened
+    with pytest.raises(RasterError, match=r"cut\.tif: pixels of window .* truncated or corrupt"):
+        collect(scene, model, batch_size=2)
+    assert not reader_threads()
+
+
+def test_bad_batch_size(colorado, model):
+    with pytest.raises(RsmclipError, match="--batch-size 0"):
+        collect(colorado, model, batch_size=0)
