@@ -138,3 +138,28 @@ def test_pip_constraints_keep_qgis_numpy():
     assert f"numpy=={numpy.__version__}" in pins
     assert ("pyarrow<22" in pins) == numpy.__version__.startswith("1.")
     assert Path(deps.python_executable()).is_file()
+
+
+def test_failed_pip_install_is_reported_and_panel_survives(iface, tmp_path, monkeypatch):
+    import rsmclip_search
+    from rsmclip_search import deps
+
+    missing_wheel = tmp_path / "rsmclip_absent_dependency-1.0-py3-none-any.whl"
+    monkeypatch.setattr(
+        deps, "DEPENDENCIES",
+        deps.DEPENDENCIES + (deps.Dependency("rsmclip_absent_dependency", str(missing_wheel), "pip install it"),),
+    )
+    monkeypatch.setattr(deps, "PACKAGES_DIR", tmp_path / "packages")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    instance = rsmclip_search.classFactory(iface)
+    instance.initGui()
+    dock = instance.dock
+    try:
+        dock.install_button.click()
+        process_until(lambda: dock.install_task is None, timeout=300)
+        texts = [item.text() for item in iface.messageBar().items()]
+        assert any(text.startswith("pip failed (exit 1)") for text in texts), texts
+        assert not dock.deps_box.isHidden() and dock.install_button.isEnabled()
+        assert not dock.index_button.isEnabled()
+    finally:
+        instance.unload()
