@@ -95,7 +95,7 @@ class SelfDistillationLoss(nn.Module):
         teacher_views: list[torch.Tensor],
         teacher_temp: float,
     ) -> torch.Tensor:
-        targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher_views]
+        targets = self.teacher_targets(teacher_views, teacher_temp)
         log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_views]
         total = student_views[0].new_zeros((), dtype=torch.float32)
         n_terms = 0
@@ -108,6 +108,11 @@ class SelfDistillationLoss(nn.Module):
         if n_terms == 0:
             raise ValueError("self-distillation needs at least two views")
         return total / n_terms
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_views: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
+        """Centred, sharpened teacher distributions (the distillation targets)."""
+        return [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_views]
 
     @torch.no_grad()
     def update_center(self, teacher_outputs: torch.Tensor) -> None:

@@ -328,6 +328,17 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_training_state(checkpoint: Path) -> dict:
+    """The ``training`` section of a checkpoints/step-*.pt file."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True).get("training")
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise RsmclipError(f"--resume {checkpoint} cannot be read ({type(exc).__name__})") from exc
+    if not isinstance(state, dict):
+        raise RsmclipError(f"--resume {checkpoint} has no training state; pass a checkpoints/step-*.pt file")
+    return state
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None for fp32; bf16/fp16 on CUDA only ("auto": bf16 where supported, else fp16)."""
     if device.type != "cuda" or precision == "fp32":
@@ -353,7 +364,7 @@ class Trainer:
         random.seed(config["seed"])
         np.random.seed(config["seed"] % 2**32)
         groups, weights = training_items(config)
-        resume_state = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+        resume_state = read_training_state(resume) if resume else None
         if resume is not None:
             self.loaded = create_model(None, checkpoint=resume, device=str(self.device))
         else:
@@ -497,13 +508,16 @@ class Trainer:
                     _, teacher_out = self.teacher(global_views.transpose(0, 1).flatten(0, 1))
                 teacher_views = list(teacher_out.float().chunk(global_views.shape[1]))
                 losses["distill_loss"] = self.distill_loss(out["student"], teacher_views, teacher_temp)
+                # log K = uniform targets (collapse to uniform), 0 = one-hot targets (collapse to one prototype)
+                targets = torch.cat(self.distill_loss.teacher_targets(teacher_views, teacher_temp))
+                losses["teacher_entropy"] = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
                 losses["teacher_out"] = teacher_out.float()
         losses["loss"] = clip_loss + float(self.config["loss"]["distill_weight"]) * losses.get("distill_loss", 0.0)
         return losses
 
     def optimizer_step(self, batches: list[dict]) -> dict:
         sched = self.schedules()
-        totals = {"loss": 0.0, "clip_loss": 0.0, "distill_loss": 0.0}
+        totals = {"loss": 0.0, "clip_loss": 0.0, "distill_loss": 0.0, "teacher_entropy": 0.0}
         teacher_outputs = []
         for i, batch in enumerate(batches):
             sync = (self.model.no_sync() if self.world_size > 1 and i < len(batches) - 1 else nullcontext())
@@ -532,11 +546,12 @@ class Trainer:
                 self.distill_loss.update_center(torch.cat(teacher_outputs))
         self.step += 1
         record = {"step": self.step, "epoch": self.epoch, **totals, "lr": lr,
-                  "logit_scale": float(self.student.clip.logit_scale.exp()), "grad_norm": float(grad_norm)}
+                  "logit_scale": float(self.student.clip.logit_scale.detach().exp()), "grad_norm": float(grad_norm)}
         if self.distill:
             record.update(sched)
         else:
             record.pop("distill_loss")
+            record.pop("teacher_entropy")
         return record
 
     # ---- loop
@@ -557,7 +572,10 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 loader = DataLoader(self.dataset, batch_size=self.sampler.batch_size, sampler=self.sampler,
                                     num_workers=workers, collate_fn=D.collate_views, drop_last=True,
-                                    pin_memory=self.device.type == "cuda", persistent_workers=False)
+                                    pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                    # its own generator: creating a loader must not draw from the global
+                                    # RNG that dropout uses, or a resumed run would diverge
+                                    generator=torch.Generator().manual_seed(int(self.config["seed"]) + self.epoch))
                 pending: list[dict] = []
                 started = time.perf_counter()
                 for batch in loader:

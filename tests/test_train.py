@@ -1,0 +1,158 @@
+"""Training loop on real AID images with a tiny model: loss falls, exact resume, EMA-only teacher, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rsmclip_geo.errors import RsmclipError
+from training import train as T
+from training.model import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+AID = REPO / ".." / "shared" / "data" / "aid"
+CLASSES = ["Airport", "Beach", "Farmland", "Forest", "Parking", "StorageTanks"]
+
+
+@pytest.fixture(scope="module")
+def tiny_aid(tmp_path_factory) -> Path:
+    """Six AID classes, ten images each (symlinks to the real files)."""
+    if not AID.is_dir():
+        pytest.fail(f"shared AID data missing at {AID}")
+    root = tmp_path_factory.mktemp("aid")
+    for name in CLASSES:
+        (root / name).mkdir()
+        for path in sorted((AID / name).iterdir())[:10]:
+            (root / name / path.name).symlink_to(path.resolve())
+    return root
+
+
+def tiny_config(root: Path, **sections) -> dict:
+    config = {
+        "seed": 3,
+        "device": "cpu",
+        "model": {
+            "config": {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+                "text_cfg": {"hf_model_name": "tiny-xlm-roberta", "hf_tokenizer_name": "tiny-xlm-roberta",
+                             "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 24},
+            },
+            "build_text_tower": {"vocab_size": 200, "kind": "bpe", "hidden_size": 32, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "intermediate_size": 64},
+        },
+        "data": {"datasets": [{"type": "class_folder", "root": str(root)}], "batch_size": 12, "workers": 0,
+                 "local_crops": 2, "local_crop_size": 32, "global_crop_scale": [0.7, 1.0],
+                 "color_jitter": [0.0, 0.0, 0.0, 0.0]},
+        "optim": {"epochs": 1, "lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.0, "precision": "fp32"},
+        "loss": {"distill_weight": 0.5, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+                 "teacher_temp": 0.04, "warmup_teacher_temp": 0.03, "teacher_temp_warmup_steps": 3,
+                 "teacher_momentum": 0.996},
+        "checkpoint": {"every_steps": 1, "keep": 0},
+        "eval": {"enabled": False},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    return T.merge_config(T.DEFAULT_CONFIG, config)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_real_images(tiny_aid, tmp_path):
+    config = tiny_config(tiny_aid, optim={"epochs": 10})
+    T.train(config, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 10 * 4  # 48 training images / batch 12, 10 epochs
+    assert all({"loss", "clip_loss", "distill_loss", "teacher_entropy", "lr"} <= set(m) for m in metrics)
+    first = sum(m["clip_loss"] for m in metrics[:4]) / 4
+    last = sum(m["clip_loss"] for m in metrics[-4:]) / 4
+    assert last < first - 0.15, (first, last)
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["clip_loss"] + 0.5 * m["distill_loss"], rel=1e-5)
+        assert 0.0 <= m["teacher_entropy"] <= math.log(64) + 1e-4
+    assert len({round(m["distill_loss"], 4) for m in metrics}) > 10  # the distillation term is live
+
+
+def test_resume_gives_the_same_next_steps(tiny_aid, tmp_path):
+    config = tiny_config(tiny_aid, optim={"epochs": 2})  # 8 steps, an epoch boundary at step 4
+    T.train(config, tmp_path / "full")
+    full = read_metrics(tmp_path / "full")
+    for resume_step in (3, 4):
+        out = tmp_path / f"resumed-{resume_step}"
+        T.train(config, out, resume=tmp_path / "full" / "checkpoints" / f"step-{resume_step:06d}.pt")
+        resumed = read_metrics(out)
+        assert [m["step"] for m in resumed] == list(range(resume_step + 1, 9))
+        for a, b in zip(full[resume_step:], resumed):
+            for key in ("loss", "clip_loss", "distill_loss", "lr", "teacher_temp", "teacher_momentum"):
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (resume_step, a["step"], key)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed-3" / "model.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_moves_by_ema_only(tiny_aid, tmp_path):
+    trainer = T.Trainer(tiny_config(tiny_aid), tmp_path)
+    before_teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    before_student = {k: v.clone() for k, v in trainer.student.image_tower().state_dict().items()}
+    torch.testing.assert_close(before_teacher, before_student)  # teacher starts as a copy
+    momentum = trainer.schedules()["teacher_momentum"]
+    trainer.sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(trainer.dataset, batch_size=12, sampler=trainer.sampler,
+                                         collate_fn=T.D.collate_views)
+    trainer.optimizer_step([next(iter(loader))])
+    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
+    after_student = trainer.student.image_tower().state_dict()
+    moved = 0
+    for key, value in trainer.teacher.state_dict().items():
+        expected = momentum * before_teacher[key] + (1 - momentum) * after_student[key]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        moved += int(not torch.equal(value, before_teacher[key]))
+    assert moved > 0
+    # the centre moved towards the teacher outputs
+    assert trainer.distill_loss.center.abs().sum() > 0
+
+
+def test_cli_writes_run_outputs_and_checkpoint_rebuilds_model(tiny_aid, tmp_path):
+    config = tiny_config(tiny_aid, optim={"epochs": 1},
+                         eval={"enabled": True, "max_images_per_class": 2, "prompt_part": "heldout"})
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "training.train", "--config", str(config_path), "-o", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_metrics(out)) == 4
+    evaluation = json.loads((out / "eval.json").read_text())
+    zero_shot = evaluation["datasets"][0]
+    assert zero_shot["task"] == "zero_shot" and zero_shot["per_language"]["en"]["n_images"] == 12
+    assert 0.0 <= zero_shot["per_language"]["en"]["top1"] <= 100.0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*.pt")) == [f"step-00000{i}.pt" for i in range(1, 5)]
+    # the final model rebuilds from the checkpoint alone and matches the last training checkpoint
+    loaded = create_model(None, checkpoint=out / "model.pt")
+    last = torch.load(out / "checkpoints" / "step-000004.pt", weights_only=True)["state_dict"]
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, last[key])
+    tokens = loaded.tokenizer(["an aerial image of forest"])
+    assert tokens.shape == (1, 24) and tokens[0, 0].item() == 0  # XLM-R <s>
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {learning_rate: 0.1}\n")
+    with pytest.raises(RsmclipError, match="optim.learning_rate is unknown"):
+        T.load_config(bad)
+    result = subprocess.run([sys.executable, "-m", "training.train", "--config", str(bad), "-o", str(tmp_path / "o")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("rsmclip-geo: error: config key optim.learning_rate is unknown")
+    assert len(result.stderr.strip().splitlines()) == 1
