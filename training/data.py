@@ -54,6 +54,12 @@ class CaptionedImage:
 # --------------------------------------------------------------------------- class folders
 
 
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message squeezed onto one line (error messages are single lines)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def class_name_words(folder_name: str) -> str:
     """'StorageTanks' -> 'storage tanks', 'river_bank' -> 'river bank'."""
     spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", folder_name)
@@ -162,7 +168,7 @@ def load_vocabulary(path: Path) -> Vocabulary:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise RsmclipError(f"vocabulary {path} cannot be read ({exc}); pass a YAML file with 'classes'") from exc
+        raise RsmclipError(f"vocabulary {path} cannot be read ({one_line(exc)}); pass a YAML file with 'classes'") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), dict):
         raise RsmclipError(f"vocabulary {path} has no 'classes' mapping; see docs/training.md for the schema")
     languages = [str(x) for x in raw.get("languages") or LANGUAGES]
@@ -237,7 +243,7 @@ def iter_caption_sentences(captions_json: Path) -> Iterator[CaptionSentence]:
     try:
         raw = json.loads(captions_json.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise RsmclipError(f"caption file {captions_json} cannot be read ({exc}); pass a Karpathy-style JSON") from exc
+        raise RsmclipError(f"caption file {captions_json} cannot be read ({one_line(exc)}); pass a Karpathy-style JSON") from exc
     if isinstance(raw, dict) and isinstance(raw.get("images"), list):
         for image in raw["images"]:
             filename = str(image["filename"])
@@ -398,7 +404,7 @@ def load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except OSError as exc:
-        raise RsmclipError(f"image {path} cannot be read ({exc}); remove it or fix the dataset") from exc
+        raise RsmclipError(f"image {path} cannot be read ({one_line(exc)}); remove it or fix the dataset") from exc
 
 
 # --------------------------------------------------------------------------- dataset + sampler

@@ -136,7 +136,7 @@ def load_config(path: Path) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise RsmclipError(f"--config {path} cannot be read ({exc})") from exc
+        raise RsmclipError(f"--config {path} cannot be read ({D.one_line(exc)})") from exc
     if not isinstance(raw, dict):
         raise RsmclipError(f"--config {path} must be a YAML mapping")
     config = merge_config(DEFAULT_CONFIG, raw)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rsmclip_geo.errors import RsmclipError
-from training.data import LANGUAGES, iter_caption_sentences, read_jsonl_records
+from training.data import LANGUAGES, iter_caption_sentences, one_line, read_jsonl_records
 from training.evaluate import write_atomic
 
 LANGUAGE_NAMES = {
@@ -46,7 +46,7 @@ def load_seq2seq(model_id: str, device: str = "cpu"):
         model = AutoModelForSeq2SeqLM.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
         raise RsmclipError(
-            f"translation model {model_id} cannot be loaded ({str(exc).splitlines()[0]}); "
+            f"translation model {model_id} cannot be loaded ({one_line(exc)}); "
             "pass a seq2seq model id or a local directory with config.json and tokenizer files"
         ) from exc
     return tokenizer, model.to(device).eval()
