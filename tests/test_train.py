@@ -156,3 +156,25 @@ def test_config_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("rsmclip-geo: error: config key optim.learning_rate is unknown")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_ddp_matches_single_process(tiny_aid, tmp_path):
+    """2 gloo ranks x batch 6 see the same 12 samples per step as 1 process x batch 12: same losses."""
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    runs = {}
+    for world_size, batch in ((1, 12), (2, 6)):
+        config = tiny_config(tiny_aid, data={"batch_size": batch}, checkpoint={"every_steps": 0})
+        config["model"]["build_text_tower"].update(no_dropout)
+        config_path = tmp_path / f"ddp{world_size}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        out = tmp_path / f"run{world_size}"
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                    if world_size == 2 else [sys.executable])
+        result = subprocess.run([*launcher, "-m", "training.train", "--config", str(config_path), "-o", str(out)],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[world_size] = read_metrics(out)
+    assert len(runs[1]) == len(runs[2]) == 4
+    for single, ddp in zip(runs[1], runs[2]):
+        for key in ("loss", "clip_loss", "distill_loss"):
+            assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), (single["step"], key)

@@ -529,6 +529,10 @@ class Trainer:
                     totals[key] += float(losses[key].detach()) / len(batches)
             if "teacher_out" in losses:
                 teacher_outputs.append(losses["teacher_out"])
+        if self.world_size > 1:  # log the mean over ranks
+            values = torch.tensor(list(totals.values()), device=self.device)
+            dist.all_reduce(values)
+            totals = dict(zip(totals, (values / self.world_size).tolist()))
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.student.parameters() if p.requires_grad],
