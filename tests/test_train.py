@@ -178,3 +178,23 @@ def test_torchrun_ddp_matches_single_process(tiny_aid, tmp_path):
     for single, ddp in zip(runs[1], runs[2]):
         for key in ("loss", "clip_loss", "distill_loss"):
             assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), (single["step"], key)
+
+
+def test_local_crop_size_the_tower_cannot_take_is_reported(tiny_aid, tmp_path):
+    config = tiny_config(tiny_aid, data={"local_crop_size": 16})  # the ViT's position table is for 32 px
+    with pytest.raises(RsmclipError, match="data.local_crop_size 16 does not fit this image tower"):
+        T.Trainer(config, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "rs-m-clip.yaml"])
+def test_shipped_configs_load(name):
+    config = T.load_config(REPO / "training" / "configs" / name)
+    assert config["data"]["languages"] == ["en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru"]
+    assert config["loss"]["distill_weight"] > 0 and config["data"]["local_crops"] >= 2
+
+
+def test_smoke_config_data_resolves():
+    config = T.load_config(REPO / "training" / "configs" / "smoke.yaml")
+    groups, weights = T.training_items(config)
+    assert len(groups[0]) == 30 * 16 and weights == [1.0]
+    assert all(len(item.captions) == 10 for item in groups[0])

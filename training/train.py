@@ -222,12 +222,27 @@ class RsmClipStudent(nn.Module):
         return out
 
 
+def open_clip_config(config: dict) -> dict:
+    """The open_clip model config of ``model.config`` or of a model-config JSON named by ``model.name``."""
+    mcfg = config["model"]
+    if mcfg["config"]:
+        return mcfg["config"]
+    path = D.resolve_path(mcfg["name"])
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RsmclipError(f"model.name {path} is not a readable model-config JSON ({D.one_line(exc)})") from exc
+    return data.get("model_cfg", data)
+
+
 def build_text_tower(config: dict, groups: list[list[D.CaptionedImage]], out_dir: Path) -> Path:
     """Train a tokenizer on the training captions and write a small random XLM-R text tower config."""
     spec = dict(config["model"]["build_text_tower"])
     vocab_size = int(spec.pop("vocab_size", 2000))
     kind = spec.pop("kind", "unigram")
-    context_length = int((config["model"]["config"] or {}).get("text_cfg", {}).get("context_length", 77))
+    context_length = int(open_clip_config(config).get("text_cfg", {}).get("context_length", 77))
     texts = [c for items in groups for item in items for caps in item.captions.values() for c in caps]
     tokenizer = train_tokenizer(list(dict.fromkeys(texts)), vocab_size, kind=kind)
     return write_hf_text_dir(out_dir / "text_tower", tokenizer, context_length=context_length, **spec)
@@ -253,6 +268,16 @@ def create_training_model(config: dict, groups: list[list[D.CaptionedImage]], ou
     checkpoint = D.resolve_path(mcfg["checkpoint"]) if mcfg["checkpoint"] else None
     return create_model(model_arg, checkpoint=checkpoint, hf_text_dir=hf_text_dir,
                         pretrained=mcfg["pretrained"], device=str(device))
+
+
+def check_view_size(visual: nn.Module, size: int, image_size: int, device: torch.device) -> None:
+    """Fail early when the image tower cannot take local crops of ``size`` (e.g. fixed ViT position tables)."""
+    try:
+        with torch.no_grad():
+            visual(torch.zeros(1, 3, size, size, device=device))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise RsmclipError(f"data.local_crop_size {size} does not fit this image tower ({D.one_line(exc, 80)});"
+                           f" set it to the model image size {image_size}") from exc
 
 
 def parameter_groups(student: RsmClipStudent, config: dict) -> list[dict]:
@@ -401,6 +426,8 @@ class Trainer:
             mean=tuple(self.loaded.preprocess_cfg.get("mean", D.MultiCropConfig.mean)),
             std=tuple(self.loaded.preprocess_cfg.get("std", D.MultiCropConfig.std)),
         ))
+        if self.distill and self.augment.config.n_local and self.augment.config.local_size != image_size:
+            check_view_size(self.loaded.model.visual, self.augment.config.local_size, image_size, self.device)
         self.dataset = D.MultiCropCaptionDataset(items, self.augment)
         self.sampler = D.ResumableWeightedSampler(
             len(items), batch_size=int(dcfg["batch_size"]), seed=int(config["seed"]),
