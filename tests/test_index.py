@@ -1,0 +1,256 @@
+"""Tile index: GeoParquet layout, multi-CRS scenes, resume, model checks, shards, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import duckdb
+import geopandas
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import shapely
+from rasterio.warp import transform_bounds
+from rasters import truncated_copy, write_geotiff
+
+from rsmclip_geo import index as index_module
+from rsmclip_geo.encoders import load_model
+from rsmclip_geo.errors import RsmclipError, TileIndexError
+from rsmclip_geo.index import TileIndex, cache_key, index_scenes
+from rsmclip_geo.pipeline import Cancelled
+from rsmclip_geo.raster import open_scene
+from rsmclip_geo.tiling import TilingParams, tile_windows
+
+PARAMS = TilingParams(tile_size=64)
+SCENES = ("colorado_rgb_15cm.tif", "pix4d_farm_rgba_35cm.tif", "fotomap_4band_2cm.tif")
+
+
+class CountingModel:
+    """The real model, counting the tiles it encodes."""
+
+    def __init__(self, model):
+        self.model, self.bundle, self.encoded = model, model.bundle, 0
+
+    def encode_pixels(self, pixels):
+        self.encoded += len(pixels)
+        return self.model.encode_pixels(pixels)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load_model(tiny_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def other_model(tiny_bundle, tmp_path_factory):
+    """The same network under another bundle identity (different normalisation: another model)."""
+    copy = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("other") / "other-bundle")
+    info = json.loads((copy / "bundle.json").read_text())
+    info["name"], info["mean"] = "other-bundle", [0.5, 0.5, 0.5]
+    (copy / "bundle.json").write_text(json.dumps(info))
+    return load_model(copy, threads=2)
+
+
+@pytest.fixture(scope="module")
+def multi_index(shared_data, model, tmp_path_factory):
+    output = tmp_path_factory.mktemp("index") / "city.parquet"
+    index_scenes([shared_data / "geotiff" / name for name in SCENES], output, model=model, tiling=PARAMS)
+    return output
+
+
+def test_geoparquet_layout(multi_index):
+    table = pq.read_table(multi_index)
+    assert table.column_names == ["tile_id", "scene", "scene_fingerprint", "win_col", "win_row", "win_width",
+                                  "win_height", "scale", "embedding", "geometry"]
+    embedding = table.schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(embedding) and embedding.list_size == 32
+    assert embedding.value_type == pa.float16()
+    meta = table.schema.metadata
+    geo = json.loads(meta[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
+    assert geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert geo["columns"]["geometry"]["crs"]["id"] == {"authority": "EPSG", "code": 4326}
+    info = json.loads(meta[b"rsmclip_geo"])
+    assert info["format_version"] == 1
+    assert info["bundle"]["name"] == "tiny-bundle" and len(info["bundle"]["fingerprint"]) == 64
+    assert info["tiling"]["tile_size"] == 64
+    assert {r["width"] for r in info["scenes"].values()} == {383, 686, 1243}
+    assert len(set(table.column("tile_id").to_pylist())) == table.num_rows
+
+
+def test_readable_by_geopandas_and_duckdb(multi_index):
+    frame = geopandas.read_parquet(multi_index)
+    assert frame.crs.to_epsg() == 4326
+    assert frame.geometry.geom_type.unique().tolist() == ["Polygon"]
+    rows = duckdb.sql(f"select scene, count(*) from '{multi_index}' group by scene order by scene").fetchall()
+    assert [r[0].rsplit("/", 1)[1] for r in rows] == sorted(SCENES)
+    assert sum(r[1] for r in rows) == len(frame)
+
+
+def test_footprints_in_each_scene_crs(multi_index, shared_data):
+    index = TileIndex.open(multi_index)
+    geometries = index.geometries()
+    fingerprints = index.column("scene_fingerprint")
+    for name in SCENES:
+        scene = open_scene(shared_data / "geotiff" / name)
+        west, south, east, north = transform_bounds(scene.crs, "EPSG:4326",
+                                                    *_scene_bounds(scene), densify_pts=21)
+        rows = np.flatnonzero(fingerprints == scene.fingerprint)
+        assert len(rows)
+        minx, miny, maxx, maxy = shapely.total_bounds(geometries[rows])
+        tol = 1e-7
+        assert west - tol <= minx and maxx <= east + tol and south - tol <= miny and maxy <= north + tol
+        # exact scene-CRS footprints rebuilt from the metadata's scene table
+        row = int(rows[-1])
+        col, r, w, h = (int(index.column(c)[row]) for c in ("win_col", "win_row", "win_width", "win_height"))
+        np.testing.assert_allclose(index.scene_footprint(row), scene.footprint(col, r, w, h))
+        assert shapely.is_ccw(geometries[row].exterior)
+
+
+def _scene_bounds(scene):
+    ring = scene.footprint(0, 0, scene.width, scene.height)
+    xs, ys = zip(*ring)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def test_embeddings_match_the_model(multi_index, shared_data, model):
+    index = TileIndex.open(multi_index)
+    scene = open_scene(shared_data / "geotiff" / SCENES[0])
+    from rsmclip_geo.raster import SceneReader
+
+    row = int(np.flatnonzero(index.column("scene_fingerprint") == scene.fingerprint)[3])
+    col, r, w, h = (int(index.column(c)[row]) for c in ("win_col", "win_row", "win_width", "win_height"))
+    with SceneReader(scene) as reader:
+        tile = reader.read_rgb(col, r, w, h)[0]
+    expected = model.encode_images(tile[None])[0]
+    np.testing.assert_allclose(index.embeddings()[row].astype(np.float32), expected, atol=2e-3)
+
+
+def test_interrupted_run_resumes(shared_data, model, tmp_path):
+    scenes = [shared_data / "geotiff" / name for name in SCENES[:2]]
+    output = tmp_path / "resume.parquet"
+    counting = CountingModel(model)
+    polls = []
+    with pytest.raises(Cancelled):
+        index_scenes(scenes, output, model=counting, tiling=PARAMS, batch_size=8,
+                     cancel=lambda: polls.append(1) or len(polls) > 5)
+    partial = tmp_path / "resume.parquet.partial"
+    assert not output.exists() and (partial / "manifest.json").is_file()
+    first_pass = counting.encoded
+    assert first_pass > 0 and list(partial.glob("shard-*.parquet"))
+
+    counting.encoded = 0
+    progress = []
+    index_scenes(scenes, output, model=counting, tiling=PARAMS, batch_size=8,
+                 progress=lambda d, t: progress.append((d, t)))
+    assert not partial.exists()
+    fresh = tmp_path / "fresh.parquet"
+    reference = CountingModel(model)
+    index_scenes(scenes, fresh, model=reference, tiling=PARAMS, batch_size=8)
+    assert counting.encoded == reference.encoded - first_pass  # finished tiles were not embedded again
+    assert progress[-1][0] == progress[-1][1]
+    resumed, full = TileIndex.open(output), TileIndex.open(fresh)
+    assert resumed.column("tile_id").tolist() == full.column("tile_id").tolist()
+    np.testing.assert_allclose(resumed.embeddings().astype(np.float32), full.embeddings().astype(np.float32),
+                               atol=2e-3)
+
+
+def test_resume_refuses_another_model(shared_data, model, other_model, tmp_path):
+    scene = shared_data / "geotiff" / SCENES[0]
+    output = tmp_path / "a.parquet"
+    with pytest.raises(Cancelled):
+        index_scenes([scene], output, model=model, tiling=PARAMS, batch_size=4, cancel=lambda: True)
+    with pytest.raises(TileIndexError, match=r"a\.parquet\.partial: unfinished index built with model "
+                                             r"'tiny-bundle' .*delete the directory"):
+        index_scenes([scene], output, model=other_model, tiling=PARAMS)
+    assert not output.exists() and (tmp_path / "a.parquet.partial" / "manifest.json").is_file()
+
+
+def test_resume_with_other_tiling_starts_over(shared_data, model, tmp_path, caplog):
+    scene = shared_data / "geotiff" / SCENES[0]
+    output = tmp_path / "t.parquet"
+    polls = []
+    with pytest.raises(Cancelled):
+        index_scenes([scene], output, model=model, tiling=PARAMS, batch_size=4,
+                     cancel=lambda: polls.append(1) or len(polls) > 2)
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        index_scenes([scene], output, model=model, tiling=TilingParams(tile_size=96))
+    assert "other tiling parameters" in caplog.text
+    assert set(TileIndex.open(output).column("win_width").tolist()) == {96}
+
+
+def test_index_refuses_another_model(multi_index, other_model, model, tiny_bundle, monkeypatch):
+    index = TileIndex.open(multi_index)
+    index.check_model(model)
+    with pytest.raises(TileIndexError, match=r"built with model 'tiny-bundle' .* not 'other-bundle'"):
+        index.load_model(other_model)
+    monkeypatch.setenv("RSMCLIP_GEO_MODELS", str(tiny_bundle.parent / "nothing-here"))
+    with pytest.raises(TileIndexError, match=r"'tiny-bundle', which is not installed; pass .* --model"):
+        index.load_model(None)
+    monkeypatch.setenv("RSMCLIP_GEO_MODELS", str(tiny_bundle.parent))
+    assert index.load_model(None).bundle.fingerprint == index.bundle_fingerprint
+
+
+def test_directory_of_shards(shared_data, model, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "SHARD_TILES", 100)
+    output = tmp_path / "big_index"
+    index_scenes([shared_data / "geotiff" / SCENES[2]], output, model=model, tiling=PARAMS)
+    parts = sorted(output.glob("part-*.parquet"))
+    index = TileIndex.open(output)
+    assert len(parts) == -(-len(index) // 100) and len(parts) > 1
+    assert len(geopandas.read_parquet(output)) == len(index)
+    assert duckdb.sql(f"select count(*) from '{output}/*.parquet'").fetchall()[0][0] == len(index)
+    assert not list(tmp_path.glob(".big_index*"))
+
+
+def test_failed_run_leaves_no_index(shared_data, model, tmp_path):
+    whole = truncated_copy(shared_data / "geotiff" / SCENES[0], tmp_path / "cut.tif", 1.0, tiled=True)
+    scene = open_scene(whole)
+    truncated_copy(whole, whole, 0.6)
+    output = tmp_path / "broken.parquet"
+    with pytest.raises(RsmclipError, match="truncated or corrupt"):
+        index_scenes([scene], output, model=model, tiling=PARAMS, batch_size=2)
+    assert not output.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".broken")]
+
+
+def test_scene_with_no_usable_tile(tmp_path, model):
+    path = write_geotiff(tmp_path / "flat.tif", np.full((3, 128, 128), 77, np.uint8))
+    output = tmp_path / "flat.parquet"
+    with pytest.raises(RsmclipError, match=r"no tile kept"):
+        index_scenes([path], output, model=model, tiling=PARAMS)
+    assert not output.exists()
+
+
+def test_unwritable_output_is_refused_before_work(shared_data, model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RsmclipError, match=r"-o .*file/i\.parquet: directory .* does not exist"):
+        index_scenes([shared_data / "geotiff" / SCENES[0]], blocker / "i.parquet", model=model, tiling=PARAMS)
+
+
+def test_not_an_index(tmp_path, shared_data):
+    with pytest.raises(TileIndexError, match="no such tile index"):
+        TileIndex.open(tmp_path / "missing.parquet")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 not really")
+    with pytest.raises(TileIndexError, match=r"garbage\.parquet: cannot be read as a tile index"):
+        TileIndex.open(garbage)
+    plain = tmp_path / "plain.parquet"
+    geopandas.GeoDataFrame({"a": [1]}, geometry=[shapely.Point(0, 0)], crs=4326).to_parquet(plain)
+    with pytest.raises(TileIndexError, match="not an rsmclip-geo tile index"):
+        TileIndex.open(plain)
+
+
+def test_cache_key(shared_data, tmp_path):
+    scene = open_scene(shared_data / "geotiff" / SCENES[0])
+    key = cache_key(scene, "a" * 64, PARAMS)
+    assert key == cache_key(scene, "a" * 64, TilingParams(tile_size=64))
+    assert key != cache_key(scene, "b" * 64, PARAMS)
+    assert key != cache_key(scene, "a" * 64, TilingParams(tile_size=64, overlap=0.5))
+    other = open_scene(shared_data / "geotiff" / SCENES[1])
+    assert key != cache_key(other, "a" * 64, PARAMS)
+    assert len(tile_windows(scene, PARAMS)) > 0
