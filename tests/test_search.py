@@ -1,0 +1,178 @@
+"""Search: cosine scores, ranking, NMS, thresholds, AOI, prompt templates, search by example."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import shapely
+from PIL import Image
+from rasterio.warp import transform_geom
+
+from rsmclip_geo.encoders import load_model
+from rsmclip_geo.errors import QueryError, TileIndexError
+from rsmclip_geo.index import TileIndex, index_scenes
+from rsmclip_geo.raster import SceneReader, open_scene
+from rsmclip_geo.search import search_index, similar, window_overlap
+from rsmclip_geo.tiling import TilingParams
+
+PARAMS = TilingParams(tile_size=64, overlap=0.5, scales=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load_model(tiny_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def index(shared_data, model, tmp_path_factory):
+    scenes = [shared_data / "geotiff" / n for n in ("colorado_rgb_15cm.tif", "pix4d_farm_rgba_35cm.tif")]
+    output = tmp_path_factory.mktemp("search") / "two.parquet"
+    return TileIndex.open(index_scenes(scenes, output, model=model, tiling=PARAMS))
+
+
+def windows_of(hits):
+    return np.array([[h.win_col, h.win_row, h.win_width, h.win_height] for h in hits], dtype=float)
+
+
+def test_scores_are_cosines_and_ranked(index, model):
+    hits = search_index(index, "airport", model=model, top_k=5, nms_overlap=1.0)
+    vector = model.encode_texts(["airport"])[0]
+    scores = index.embeddings().astype(np.float32) @ vector
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    expected = np.sort(scores)[::-1][:5]
+    np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-5)
+    best = index.row_of(hits[0].tile_id)
+    assert best == int(np.argmax(scores))
+
+
+def test_nms_keeps_distinct_places(index, model):
+    overlapping = search_index(index, "storage tanks", model=model, top_k=10, nms_overlap=1.0)
+    distinct = search_index(index, "storage tanks", model=model, top_k=10, nms_overlap=0.5)
+    assert len(distinct) == 10
+
+    def max_pair_overlap(hits):
+        worst = 0.0
+        for i, hit in enumerate(hits):
+            same = [h for h in hits[:i] if h.scene == hit.scene]
+            if same:
+                worst = max(worst, window_overlap(windows_of([hit])[0], windows_of(same)).max())
+        return worst
+
+    assert max_pair_overlap(overlapping) > 0.5  # half-overlapping and multi-scale tiles of one place
+    assert max_pair_overlap(distinct) <= 0.5
+    assert distinct[0].tile_id == overlapping[0].tile_id
+
+
+def test_several_queries_rank_separately(index, model):
+    hits = search_index(index, ["airport", "praia", "机场"], model=model, top_k=3)
+    assert [(h.query, h.rank) for h in hits] == [(q, r) for q in ("airport", "praia", "机场") for r in (1, 2, 3)]
+
+
+def test_threshold(index, model):
+    hits = search_index(index, "beach", model=model, top_k=50, threshold=0.0)
+    assert all(h.score >= 0.0 for h in hits)
+    top = search_index(index, "beach", model=model, top_k=1)[0].score
+    assert search_index(index, "beach", model=model, threshold=min(top + 1e-3, 1.0)) == []
+
+
+def test_aoi_bbox_and_vector_file(index, model, shared_data, tmp_path):
+    colorado = open_scene(shared_data / "geotiff" / "colorado_rgb_15cm.tif")
+    left_half = shapely.Polygon(colorado.footprint(0, 0, 190, 232))
+    lonlat = shapely.geometry.shape(transform_geom(colorado.crs, "EPSG:4326", shapely.geometry.mapping(left_half)))
+    hits = search_index(index, "river", model=model, top_k=5, aoi=lonlat.bounds)
+    assert hits and all(h.scene.endswith("colorado_rgb_15cm.tif") for h in hits)
+    assert all(h.geometry.intersects(shapely.box(*lonlat.bounds)) for h in hits)
+    text_bbox = ",".join(str(v) for v in lonlat.bounds)
+    assert [h.tile_id for h in search_index(index, "river", model=model, top_k=5, aoi=text_bbox)] == \
+        [h.tile_id for h in hits]
+    # a vector file in the scene's own CRS is reprojected to lon/lat
+    vector = tmp_path / "aoi.geojson"
+    import geopandas
+
+    geopandas.GeoDataFrame(geometry=[left_half], crs=colorado.crs.to_wkt()).to_file(vector, driver="GeoJSON")
+    from_file = search_index(index, "river", model=model, top_k=5, aoi=str(vector))
+    assert from_file and all(h.geometry.intersects(lonlat.buffer(1e-9)) for h in from_file)
+    assert all(h.win_col < 190 for h in from_file)
+
+
+@pytest.mark.parametrize("aoi, message", [("1,2,3", "no such file"), ("4,3,2,1", "min < max"),
+                                          ("a,b,c,d", "minlon,minlat,maxlon,maxlat")])
+def test_bad_aoi(index, model, aoi, message):
+    with pytest.raises(QueryError, match=message):
+        search_index(index, "river", model=model, aoi=aoi)
+
+
+@pytest.mark.parametrize("queries", ["", "   \t ", ["forest", " "], []])
+def test_empty_queries(index, model, queries):
+    with pytest.raises(QueryError, match=r"(empty|no) query"):
+        search_index(index, queries, model=model)
+
+
+def test_long_query_is_truncated_with_a_warning(index, model, caplog):
+    long = " ".join(["aeroporto com muitos aviões"] * 200)
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        hits = search_index(index, long, model=model, top_k=2)
+    assert len(hits) == 2 and "truncated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        search_index(index, "aeroporto", model=model, top_k=2)
+    assert "truncated" not in caplog.text
+
+
+def test_prompt_templates(index, model):
+    plain = search_index(index, "praia", model=model, top_k=3, nms_overlap=1.0)
+    templated = search_index(index, "praia", model=model, top_k=3, nms_overlap=1.0, lang="pt")
+    assert [h.score for h in plain] != [h.score for h in templated]
+    with pytest.raises(QueryError, match="--lang xx"):
+        search_index(index, "praia", model=model, lang="xx")
+
+
+def test_similar_to_a_tile(index):
+    target = index.column("tile_id")[7]
+    hits = similar(index, tile_id=target, top_k=5, nms_overlap=1.0)
+    assert target not in [h.tile_id for h in hits]
+    embeddings = index.embeddings().astype(np.float32)
+    scores = embeddings @ (embeddings[7] / np.linalg.norm(embeddings[7]))
+    scores[7] = -np.inf
+    assert hits[0].tile_id == index.column("tile_id")[int(np.argmax(scores))]
+    assert hits[0].query == f"tile:{target}"
+    with pytest.raises(TileIndexError, match="no tile with id 'nope'"):
+        similar(index, tile_id="nope")
+
+
+def test_similar_to_an_image_chip(index, model, shared_data, tmp_path):
+    scene = open_scene(shared_data / "geotiff" / "pix4d_farm_rgba_35cm.tif")
+    row = int(np.flatnonzero(index.column("scene_fingerprint") == scene.fingerprint)[20])
+    col, r, w, h = (int(index.column(c)[row]) for c in ("win_col", "win_row", "win_width", "win_height"))
+    with SceneReader(scene) as reader:
+        chip = reader.read_rgb(col, r, w, h, max_size=model.bundle.info.image_size)[0]
+    Image.fromarray(chip).save(tmp_path / "chip.png")
+    hits = similar(index, image=tmp_path / "chip.png", model=model, top_k=3)
+    assert hits[0].tile_id == index.column("tile_id")[row] and hits[0].score > 0.99
+    assert hits[0].query == "image:chip.png"
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(QueryError, match=r"--image .*notes\.jpg: not a readable image"):
+        similar(index, image=tmp_path / "notes.jpg", model=model)
+    with pytest.raises(QueryError, match="exactly one example"):
+        similar(index, model=model)
+
+
+def test_search_with_another_model_is_refused(index, tiny_bundle, tmp_path):
+    copy = shutil.copytree(tiny_bundle, tmp_path / "other-bundle")
+    info = json.loads((copy / "bundle.json").read_text())
+    info["name"], info["std"] = "other-bundle", [0.3, 0.3, 0.3]
+    (copy / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(TileIndexError, match="built with model 'tiny-bundle'"):
+        search_index(index, "forest", model=str(copy))
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(top_k=0), "--top-k 0"), (dict(nms_overlap=1.5), "--nms 1.5"),
+                                             (dict(threshold=2.0), "--threshold 2.0")])
+def test_bad_search_params(index, model, kwargs, message):
+    with pytest.raises(QueryError, match=message):
+        search_index(index, "forest", model=model, **kwargs)
