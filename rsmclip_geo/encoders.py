@@ -60,6 +60,7 @@ class _OnnxTower:
                  threads: int | None) -> None:
         self.path = bundle.file(filename)
         self.embed_dim = bundle.info.embed_dim
+        self.precision = bundle.info.precision
         self.input_name = input_name
         self.providers = providers
         self.forced = forced
@@ -76,6 +77,9 @@ class _OnnxTower:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if self.precision == "fp16":
+            # onnxruntime 1.31's CPU layout optimisations (level ALL) crash on fp16 convolutions
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1

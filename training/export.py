@@ -38,6 +38,7 @@ MAX_IR_VERSION = 10  # readable by onnxruntime >= 1.17
 PARITY_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 RSMCLIP_LANGUAGES = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
+VOCABULARY_JSON = "vocabulary.json"
 _TEMP_OUTPUT = "embedding_out"  # the dynamo exporter may already use "embedding" for an internal value
 
 
@@ -120,6 +121,7 @@ def convert_precision(path: Path, precision: str) -> None:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         proto = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        _topological_sort(proto.graph)  # the converter appends the input casts at the end of the graph
         onnx.save(proto, str(path))
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -133,6 +135,27 @@ def convert_precision(path: Path, precision: str) -> None:
     proto = onnx.load(str(path))
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     onnx.save(proto, str(path))
+
+
+def _topological_sort(graph: Any) -> None:
+    """Reorder graph nodes so every node comes after the producers of its inputs."""
+    available = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise RuntimeError("ONNX graph has a cycle or an input that no node produces")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        ready_ids = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in ready_ids]
+    copies = [type(node)() for node in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 # ---------------------------------------------------------------- tokenizer.json
@@ -242,6 +265,18 @@ def bundle_info(loaded: LoadedModel, *, name: str, version: str, precision: str,
     return info
 
 
+def vocabulary_json(path: Path) -> dict[str, Any]:
+    """vocabulary.json content: ``terms`` {lang: [names]} and ``classes`` {class: {lang: [names]}} (train part)."""
+    from training.data import load_vocabulary
+
+    vocab = load_vocabulary(path)
+    classes = {name: {lang: parts["train"][0] for lang, parts in per_lang.items() if parts["train"][0]}
+               for name, per_lang in vocab.entries.items()}
+    terms = {lang: list(dict.fromkeys(term for per_lang in classes.values() for term in per_lang.get(lang, [])))
+             for lang in vocab.languages}
+    return {"format_version": 1, "languages": list(vocab.languages), "terms": terms, "classes": classes}
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -339,8 +374,13 @@ def export_bundle(
     torch_weights: bool = False,
     default_tile_size: int | None = None,
     probes_dir: str | os.PathLike | None = None,
+    vocabulary: str | os.PathLike | None = None,
 ) -> Path:
-    """Export ``loaded`` to a bundle directory at ``output`` (atomically: temp dir, then rename)."""
+    """Export ``loaded`` to a bundle directory at ``output`` (atomically: temp dir, then rename).
+
+    ``vocabulary``: the training vocabulary YAML; its train-part class names go into the bundle's
+    vocabulary.json (known terms per language, for the runtime's out-of-vocabulary warnings).
+    """
     if precision not in PARITY_THRESHOLDS:
         raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")
     output = Path(output)
@@ -351,6 +391,9 @@ def export_bundle(
     loaded.model.eval()
     info = bundle_info(loaded, name=name or output.name, version=version, precision=precision,
                        languages=languages, default_tile_size=default_tile_size)
+    known_terms = vocabulary_json(Path(vocabulary)) if vocabulary is not None else None
+    if known_terms is not None:
+        info["vocabulary"] = VOCABULARY_JSON
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         (work / bundle_format.TOKENIZER_JSON).write_text(bundle_tokenizer_json(loaded), encoding="utf-8")
@@ -365,6 +408,8 @@ def export_bundle(
         info["parity"] = parity
         if torch_weights:
             _write_torch_weights(loaded, work)
+        if known_terms is not None:
+            write_json(work / VOCABULARY_JSON, known_terms)
         info["files"] = {path.name: sha256_file(path) for path in sorted(work.iterdir())
                          if path.name != bundle_format.BUNDLE_JSON}
         write_json(work / bundle_format.BUNDLE_JSON, info)
@@ -444,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-weights", action="store_true",
                         help="also write weights.safetensors + open_clip_config.json for the torch backend")
     parser.add_argument("--probes", help="probe folder (images/, texts.json) instead of the packaged probes")
+    parser.add_argument("--vocabulary", help="training vocabulary YAML; writes vocabulary.json (known terms)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
     return parser
 
@@ -463,7 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("=" * 72)
         out = export_bundle(loaded, args.output, precision=args.precision, name=args.name, version=args.version,
                             languages=args.languages, torch_weights=args.torch_weights,
-                            default_tile_size=args.default_tile_size, probes_dir=args.probes)
+                            default_tile_size=args.default_tile_size, probes_dir=args.probes,
+                            vocabulary=args.vocabulary)
     except RsmclipError as exc:
         print(f"training.export: error: {exc}", file=sys.stderr)
         return 2

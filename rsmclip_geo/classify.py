@@ -1,0 +1,119 @@
+"""Zero-shot classification: softmax over logit_scale × cosine between image and label embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rsmclip_geo.encoders import Model
+from rsmclip_geo.errors import QueryError
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The result for one image: top-1 label, its probability, and every label's probability."""
+
+    image: str
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+    def to_json(self) -> str:
+        return json.dumps({"image": self.image, "label": self.label, "score": self.score,
+                           "probabilities": self.probabilities}, ensure_ascii=False)
+
+
+def softmax_probabilities(image_embeddings: np.ndarray, text_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
+    """softmax(logit_scale × cosine) over the labels, one row per image (float64 for stable sums)."""
+    logits = logit_scale * (image_embeddings.astype(np.float64) @ text_embeddings.astype(np.float64).T)
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def read_labels(labels: Sequence[str] | None, labels_file: str | os.PathLike | None) -> list[str]:
+    """Labels from --labels and --labels-file (one per line, blank lines and #-comments skipped)."""
+    result = [label.strip() for label in labels or []]
+    if labels_file is not None:
+        path = Path(labels_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QueryError(f"--labels-file {path}: cannot be read ({type(exc).__name__}); give a UTF-8 text "
+                             "file with one label per line") from exc
+        result += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if any(not label for label in result):
+        raise QueryError("--labels: empty label; give non-empty texts")
+    if len(result) < 2:
+        raise QueryError("--labels: give at least two labels (or a --labels-file) to classify against")
+    duplicates = sorted({label for label in result if result.count(label) > 1})
+    if duplicates:
+        raise QueryError(f"--labels: duplicate label(s) {', '.join(duplicates)}; give each label once")
+    return result
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 HxWx3 RGB; QueryError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise QueryError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise QueryError(f"{path}: not a readable image ({type(exc).__name__}); give a JPEG, PNG or RGB TIFF") from exc
+
+
+def classify_images(model: Model, images: Sequence[str | os.PathLike], labels: Sequence[str],
+                    batch_size: int | None = None) -> Iterator[Classification]:
+    """Classify image files against labels, reading and encoding ``batch_size`` images at a time."""
+    if not images:
+        raise QueryError("IMAGE: give at least one image file")
+    text_embeddings = model.encode_texts(list(labels))
+    step = batch_size or model.batch_size
+    for start in range(0, len(images), step):
+        paths = images[start:start + step]
+        probabilities = softmax_probabilities(model.encode_images([load_rgb(p) for p in paths]), text_embeddings,
+                                              model.logit_scale)
+        for path, row in zip(paths, probabilities):
+            best = int(np.argmax(row))
+            yield Classification(image=str(path), label=labels[best], score=float(row[best]),
+                                 probabilities={label: float(p) for label, p in zip(labels, row)})
+
+
+def format_table(results: Sequence[Classification], top: int = 3) -> str:
+    """A human-readable table: image, then its ``top`` labels with percentages."""
+    width = max(len(Path(r.image).name) for r in results)
+    lines = []
+    for result in results:
+        ranked = sorted(result.probabilities.items(), key=lambda item: -item[1])[:top]
+        cells = "  ".join(f"{label} {100 * p:5.1f} %" for label, p in ranked)
+        lines.append(f"{Path(result.image).name:<{width}}  {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
+    from rsmclip_geo.export import check_writable
+
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
