@@ -93,6 +93,7 @@ def tile_search(
 ) -> tuple[list[Hit], TileIndex]:
     """Index one scene (cached) and search it: the hits and the scene's tile index."""
     queries = clean_queries(queries)
+    scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands)
     model = resolve_model(model, threads)
     index = cached_scene_index(scene, model=model, tiling=tiling, bands=bands, cache_dir=cache_dir,
                                use_cache=use_cache, batch_size=batch_size, progress=progress, cancel=cancel,

@@ -35,16 +35,16 @@ def hits_to_geojson(hits: Sequence[Hit]) -> dict:
     }
 
 
-def check_writable(path: Path, formats: Sequence[str] | None = None) -> None:
-    """RsmclipError naming -o when a file cannot be written at `path` (checked before any work)."""
+def check_writable(path: Path, formats: Sequence[str] | None = None, option: str = "-o") -> None:
+    """RsmclipError naming the option when a file cannot be written at `path` (checked before any work)."""
     if formats is not None and path.suffix.lower() not in formats:
-        raise RsmclipError(f"-o {path}: unknown output format; use one of {', '.join(formats)}")
+        raise RsmclipError(f"{option} {path}: unknown output format; use one of {', '.join(formats)}")
     if path.is_dir():
-        raise RsmclipError(f"-o {path}: is a directory; give a file name")
+        raise RsmclipError(f"{option} {path}: is a directory; give a file name")
     if not path.parent.is_dir():
-        raise RsmclipError(f"-o {path}: directory {path.parent} does not exist; create it or choose another path")
+        raise RsmclipError(f"{option} {path}: directory {path.parent} does not exist; create it or choose another path")
     if not os.access(path.parent, os.W_OK):
-        raise RsmclipError(f"-o {path}: directory {path.parent} is not writable; choose another output path")
+        raise RsmclipError(f"{option} {path}: directory {path.parent} is not writable; choose another output path")
 
 
 def _temp_path(path: Path) -> Path:
@@ -121,7 +121,7 @@ def write_heatmap(
     tiles covering its centre (NaN where no tile was kept). `scene` (fingerprint or path) picks one
     scene of a multi-scene index."""
     path = Path(path)
-    check_writable(path, (".tif", ".tiff"))
+    check_writable(path, (".tif", ".tiff"), option="--heatmap")
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float32))
     fingerprint = _pick_scene(index, scene)
     record = index.scenes[fingerprint]

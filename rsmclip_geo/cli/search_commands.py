@@ -77,7 +77,7 @@ def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) ->
     group = parser.add_argument_group("search")
     group.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
     group.add_argument("--threshold", type=float, help="minimum cosine score")
-    group.add_argument("--aoi", help="area of interest: minlon,minlat,maxlon,maxlat or a vector file")
+    group.add_argument("--aoi", help="area of interest: minlon,minlat,maxlon,maxlat (write --aoi=-9.2,38.6,-9.0,38.8 when it starts with a minus) or a vector file")
     group.add_argument("--nms", type=float, default=0.5,
                        help="drop hits overlapping a better one by more than this fraction of the smaller tile "
                             "(default 0.5; 1 keeps all)")
@@ -119,7 +119,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     if getattr(args, "output", None):
         check_writable(Path(args.output), HIT_FORMATS)
     if getattr(args, "heatmap", None):
-        check_writable(Path(args.heatmap), (".tif", ".tiff"))
+        check_writable(Path(args.heatmap), (".tif", ".tiff"), option="--heatmap")
 
 
 def print_hits(hits) -> None:
@@ -157,7 +157,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_tile_search(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import tile_search
+    from rsmclip_geo.api import open_scene, tile_search
     from rsmclip_geo.index import resolve_model
 
     queries = read_queries(args)
@@ -165,9 +165,10 @@ def cmd_tile_search(args: argparse.Namespace) -> int:
         args.output = f"{Path(args.scene).stem}_hits.geojson"
     check_outputs(args)
     params = tiling_params(args)
+    scene = open_scene(args.scene, bands=bands_option(args))
     model = resolve_model(args.model, args.threads)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    hits, index = tile_search(args.scene, queries, model=model, tiling=params, bands=bands_option(args),
+    hits, index = tile_search(scene, queries, model=model, tiling=params, bands=bands_option(args),
                               top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
                               lang=args.lang, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                               batch_size=args.batch_size, progress=progress, threads=args.threads)
