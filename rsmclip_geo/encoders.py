@@ -114,6 +114,12 @@ class _OnnxTower:
             raise BundleError(f"{self.path}: outputs embeddings of shape {shape} but bundle.json embed_dim is "
                               f"{self.embed_dim}; the towers do not belong together, re-export the bundle")
 
+    @property
+    def fixed_length(self) -> int | None:
+        """The input's second axis when the graph fixes it (text towers exported at full context length)."""
+        shape = self.session.get_inputs()[0].shape
+        return shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+
     def run(self, array: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {self.input_name: array})[0]
         if out.ndim != 2 or out.shape[1] != self.embed_dim:
@@ -225,7 +231,12 @@ class Model:
         return self._torch.image(pixels) if self._torch else self._image.run(pixels)
 
     def _run_text(self, ids: np.ndarray) -> np.ndarray:
-        return self._torch.text(ids) if self._torch else self._text.run(ids)
+        if self._torch:
+            return self._torch.text(ids)
+        length = self._text.fixed_length
+        if length is not None and ids.shape[1] < length:
+            ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=self.info.pad_id)
+        return self._text.run(ids)
 
     @property
     def providers(self) -> list[str]:

@@ -60,6 +60,43 @@ class _TextTower(torch.nn.Module):
         return self.model.encode_text(input_ids)
 
 
+class _ClipTextTower(torch.nn.Module):
+    """open_clip's own CLIP text transformer at any length up to the context length.
+
+    ``CLIP.encode_text`` adds the full positional table, so it only traces at the context length.
+    With a causal mask and end-of-text pooling, slicing the positional table and the mask to the
+    input length gives the same embedding (the parity check confirms it on every export).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        model = self.model
+        length = input_ids.shape[1]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(input_ids).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        x = text_global_pool(x, input_ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        if model.text_projection is None:
+            return x
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
+
+
+def text_tower(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """(module to export, dynamic length?) for a model's text tower."""
+    if hasattr(model, "text"):  # CustomTextCLIP: HF towers and open_clip's TextTransformer slice by length
+        return _TextTower(model), True
+    if getattr(model, "text_pool_type", None) in ("argmax", "eos") and getattr(model, "attn_mask", None) is not None:
+        return _ClipTextTower(model), True
+    return _TextTower(model), False  # fixed length: the runtime pads to it
+
+
 # ---------------------------------------------------------------- ONNX export
 
 
@@ -430,11 +467,12 @@ def _export_towers(loaded: LoadedModel, directory: Path, info: dict[str, Any]) -
     pixels = torch.randn(2, 3, size, size, generator=generator)
     tokenizer = TextTokenizer(directory / bundle_format.TOKENIZER_JSON, info["context_length"], info["pad_id"])
     ids = torch.from_numpy(tokenizer.encode(["an airport with several planes parked", "un campo de golf"]))
-    if ids.shape[1] < 3:
-        ids = torch.nn.functional.pad(ids, (0, 3 - ids.shape[1]), value=info["pad_id"])
+    module, dynamic_length = text_tower(loaded.model)
+    length = max(ids.shape[1], 3) if dynamic_length else info["context_length"]
+    ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=info["pad_id"])
     export_tower(_ImageTower(loaded.model), pixels, "pixels", directory / bundle_format.IMAGE_ONNX)
-    export_tower(_TextTower(loaded.model), ids, "input_ids", directory / bundle_format.TEXT_ONNX,
-                 max_length=info["context_length"])
+    export_tower(module, ids, "input_ids", directory / bundle_format.TEXT_ONNX,
+                 max_length=info["context_length"] if dynamic_length else None)
 
 
 def _write_torch_weights(loaded: LoadedModel, directory: Path) -> None:

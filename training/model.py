@@ -299,6 +299,7 @@ def _create_with_hub_text(name: str, model_cfg: dict[str, Any], preprocess_cfg: 
                           pretrained: str | None, checkpoint_path: Path | None, device: str) -> LoadedModel:
     """A model whose HF text tower is named by hub id (needs network or a warm HF cache)."""
     import open_clip
+    import open_clip.tokenizer
 
     try:
         with tempfile.TemporaryDirectory(prefix="rsmclip-model-") as workdir:
@@ -307,7 +308,7 @@ def _create_with_hub_text(name: str, model_cfg: dict[str, Any], preprocess_cfg: 
             (Path(workdir) / "open_clip_config.json").write_text(
                 json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}), encoding="utf-8")
             clip = open_clip.create_model(f"local-dir:{workdir}", pretrained_text=False, device=device)
-            tokenizer = open_clip.HFTokenizer(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"],
+            tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"],
                                               context_length=text_cfg.get("context_length", 77))
     except OSError as exc:
         raise RsmclipError(f"{name}: the HF text tower {model_cfg['text_cfg']['hf_model_name']!r} is not available "

@@ -1,0 +1,188 @@
+"""training.model and training.export: self-contained checkpoints, ONNX graphs, precisions, parity, torch backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from rsmclip_geo.bundle import load_bundle
+from rsmclip_geo.encoders import load_model
+from rsmclip_geo.errors import RsmclipError
+from training.export import convert_precision, export_bundle, main as export_main
+from training.model import create_model
+
+
+def probe_ids(bundle: Path, texts: list[str]) -> np.ndarray:
+    return load_model(bundle, providers=["cpu"]).tokenizer.encode(texts)
+
+
+def test_checkpoint_rebuilds_the_model_alone(tiny_model) -> None:
+    first = create_model(None, checkpoint=tiny_model.checkpoint)
+    second = create_model(None, checkpoint=tiny_model.checkpoint)
+    ids = first.tokenizer(["um aeroporto", "储油罐"])
+    with torch.inference_mode():
+        torch.testing.assert_close(first.model.encode_text(ids), second.model.encode_text(ids), rtol=0, atol=0)
+    assert first.source["checkpoint_sha256"] and not first.source["random_init"]
+    assert first.config["text_cfg"]["hf_model_name"] == "tiny-xlm-roberta"
+
+
+def test_plain_and_prefixed_state_dicts_need_the_model(tiny_model, tmp_path: Path) -> None:
+    reference = create_model(None, checkpoint=tiny_model.checkpoint)
+    state = {f"module.{k}": v for k, v in reference.model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "train.pt")
+    with pytest.raises(RsmclipError, match="no architecture"):
+        create_model(None, checkpoint=tmp_path / "train.pt")
+    loaded = create_model(tiny_model.config_json, hf_text_dir=tiny_model.hf_text_dir, checkpoint=tmp_path / "train.pt")
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model.encode_image(pixels), reference.model.encode_image(pixels))
+
+
+def test_weights_for_another_architecture_are_refused(tiny_model, tmp_path: Path) -> None:
+    config = json.loads(tiny_model.config_json.read_text())
+    config["vision_cfg"]["width"] = 96
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(config))
+    with pytest.raises(RsmclipError, match="do not fit"):
+        create_model(other, hf_text_dir=tiny_model.hf_text_dir, checkpoint=tiny_model.checkpoint)
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(RsmclipError, match="not an open_clip model name"):
+        create_model("ViT-Q-99")
+
+
+def test_onnx_files_have_symbolic_batch_dynamic_length_and_metadata(tiny_bundle: Path) -> None:
+    info = json.loads((tiny_bundle / "bundle.json").read_text())
+    for name, input_name in (("image.onnx", "pixels"), ("text.onnx", "input_ids")):
+        proto = onnx.load(str(tiny_bundle / name), load_external_data=False)
+        assert proto.ir_version <= 10
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert [i.name for i in proto.graph.input] == [input_name]
+        assert [o.name for o in proto.graph.output] == ["embedding"]
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param
+        if input_name == "input_ids":
+            assert dims[1].dim_param
+        props = {p.key: p.value for p in proto.metadata_props}
+        assert props["rsmclip_geo.tower"] == name.split(".")[0]
+        assert json.loads(props["rsmclip_geo.embed_dim"]) == info["embed_dim"]
+        assert json.loads(props["rsmclip_geo.pad_id"]) == info["pad_id"]
+
+
+def test_text_graph_runs_any_batch_and_length(tiny_bundle: Path, tiny_model) -> None:
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    session = ort.InferenceSession(str(tiny_bundle / "text.onnx"), providers=["CPUExecutionProvider"])
+    texts = ["a", "Serbatoi di stoccaggio in un'area industriale.", "机场", "Un campo de golf con bunkers.", "x y"]
+    ids = probe_ids(tiny_bundle, texts)
+    assert ids.shape[1] < 32
+    with torch.inference_mode():
+        expected = loaded.model.encode_text(loaded.tokenizer(texts)).numpy()
+    for batch in (1, 3, 5):
+        got = session.run(None, {"input_ids": ids[:batch]})[0]
+        np.testing.assert_allclose(got, expected[:batch], atol=2e-5)
+
+
+def test_export_cli_from_checkpoint_replaces_a_bundle_atomically(tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "from-ckpt"
+    assert export_main(["--checkpoint", str(tiny_model.checkpoint), "-o", str(out), "--name", "ck",
+                        "--languages", "en", "pt", "--default-tile-size", "256"]) == 0
+    info = load_bundle(out).info
+    assert (info.name, info.languages, info.default_tile_size) == ("ck", ("en", "pt"), 256)
+    assert info.source["checkpoint_sha256"] and info.parity["n_images"] == 16 and info.parity["n_texts"] == 31
+    first = load_bundle(out).fingerprint
+    assert export_main(["--checkpoint", str(tiny_model.checkpoint), "-o", str(out), "--name", "ck2"]) == 0
+    assert load_bundle(out).info.name == "ck2" and load_bundle(out).fingerprint != first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["from-ckpt"]  # no temp dirs left behind
+
+
+def test_export_refuses_an_output_that_is_not_a_bundle(tiny_model, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "docs"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    assert export_main(["--checkpoint", str(tiny_model.checkpoint), "-o", str(target)]) == 2
+    assert "not a bundle directory" in capsys.readouterr().err
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_fp16_bundle_meets_its_threshold(tiny_model, tmp_path: Path) -> None:
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    out = export_bundle(loaded, tmp_path / "fp16", precision="fp16")
+    info = load_bundle(out).info
+    assert info.precision == "fp16"
+    assert info.parity["image_min_cosine"] >= 0.999 and info.parity["text_min_cosine"] >= 0.999
+    proto = onnx.load(str(out / "image.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
+
+
+def test_int8_quantises_matmuls_and_stays_close(tiny_bundle: Path, tmp_path: Path) -> None:
+    path = tmp_path / "image.onnx"
+    path.write_bytes((tiny_bundle / "image.onnx").read_bytes())
+    convert_precision(path, "int8")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    pixels = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    fp32 = ort.InferenceSession(str(tiny_bundle / "image.onnx"), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    a, b = fp32.run(None, {"pixels": pixels})[0], int8.run(None, {"pixels": pixels})[0]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99 and not np.array_equal(a, b)
+
+
+def test_low_parity_is_refused_and_nothing_is_written(tiny_model, tmp_path: Path) -> None:
+    """The tiny random text tower loses too much under int8: the export must refuse, leaving no files."""
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    with pytest.raises(RsmclipError, match="int8 parity check failed.*bundle not written"):
+        export_bundle(loaded, tmp_path / "int8", precision="int8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_backend_agrees_with_onnx(tiny_bundle: Path, shared_data: Path) -> None:
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((shared_data / "figs").glob("*.jpg"))]
+    texts = ["aeroporto", "Un campo de golf con bunkers.", "储油罐"]
+    onnx_model = load_model(tiny_bundle, providers=["cpu"])
+    torch_model = load_model(tiny_bundle, backend="torch", device="cpu")
+    assert torch_model.providers == ["torch:cpu"]
+    for encode in ("encode_images", "encode_texts"):
+        data = images if encode == "encode_images" else texts
+        a, b = getattr(onnx_model, encode)(data), getattr(torch_model, encode)(data)
+        assert np.sum(a * b, axis=1).min() >= 0.99999
+
+
+def test_parity_on_real_aid_images(tiny_bundle: Path, tiny_model, shared_data: Path) -> None:
+    """Beyond the packaged probes: torch + open_clip transform vs runtime preprocessing + ONNX, 30 AID classes."""
+    from PIL import Image
+
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    files = [sorted(d.glob("*.jpg"))[7] for d in sorted((shared_data / "aid").iterdir())]
+    images = [Image.open(p).convert("RGB") for p in files]
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(
+            loaded.model.encode_image(torch.stack([loaded.preprocess(im) for im in images])), dim=-1).numpy()
+    got = load_model(tiny_bundle, providers=["cpu"]).encode_images([np.asarray(im) for im in images])
+    assert len(files) == 30
+    assert np.sum(expected * got, axis=1).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_vit_b32_random_weights_export(tmp_path: Path, shared_data: Path) -> None:
+    """The real ViT-B-32 architecture (CLIP BPE text tower, converted tokenizer.json), random weights."""
+    torch.manual_seed(0)
+    loaded = create_model("ViT-B-32")
+    out = export_bundle(loaded, tmp_path / "vit-b-32")
+    info = load_bundle(out).info
+    assert info.embed_dim == 512 and info.image_size == 224 and info.context_length == 77 and info.pad_id == 0
+    assert info.parity["image_min_cosine"] >= 0.99999 and info.parity["text_min_cosine"] >= 0.99999
+    assert info.parity["tokenizer_mismatches"] == 0 and info.parity["top1_agreement"] == 1.0
+    text = onnx.load(str(out / "text.onnx"), load_external_data=False)
+    assert all(d.dim_param for d in text.graph.input[0].type.tensor_type.shape.dim)
