@@ -26,7 +26,7 @@ from rasterio.warp import transform as transform_coords
 
 from rsmclip_geo.errors import RsmclipError, TileIndexError
 from rsmclip_geo.pipeline import CancelCallback, EmbeddedBatch, ProgressCallback, embed_scene
-from rsmclip_geo.raster import Scene, open_scene, window_ring
+from rsmclip_geo.raster import Scene, open_scene, window_ring, window_rings
 from rsmclip_geo.tiling import TilingParams, tile_windows
 
 log = logging.getLogger(__name__)
@@ -99,25 +99,30 @@ def geo_metadata(bbox: list[float] | None) -> dict:
     return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
 
 
+def float16_array(values: np.ndarray) -> pa.Array:
+    """A flat Arrow float16 array from numpy, built on its buffer (no per-element conversion)."""
+    half = np.ascontiguousarray(values, dtype=np.float16).ravel()
+    return pa.Array.from_buffers(pa.float16(), len(half), [None, pa.py_buffer(half)])
+
+
 def batch_table(batch: EmbeddedBatch, schema: pa.Schema) -> pa.Table:
     """Rows of one embedded batch, with footprints transformed to EPSG:4326."""
     scene, windows = batch.scene, batch.windows
-    rings = [scene.footprint(w.col, w.row, w.width, w.height) for w in windows]
-    xs = [x for ring in rings for x, _ in ring]
-    ys = [y for ring in rings for _, y in ring]
-    lon, lat = transform_coords(scene.crs, _WGS84, xs, ys)
+    boxes = np.array([(w.col, w.row, w.width, w.height) for w in windows], dtype=np.int64)
+    rings = window_rings(scene.affine, boxes).reshape(-1, 2)
+    lon, lat = transform_coords(scene.crs, _WGS84, rings[:, 0], rings[:, 1])
     coords = np.column_stack([lon, lat]).reshape(len(windows), 5, 2)
     polygons = shapely.orient_polygons(shapely.polygons(coords))  # RFC 7946: counter-clockwise exteriors
     dim = batch.embeddings.shape[1]
-    flat = pa.array(batch.embeddings.astype(np.float16).ravel(), type=pa.float16())
+    flat = float16_array(batch.embeddings)
     columns = {
         "tile_id": [w.tile_id(scene.fingerprint) for w in windows],
         "scene": [str(scene.path)] * len(windows),
         "scene_fingerprint": [scene.fingerprint] * len(windows),
-        "win_col": [w.col for w in windows],
-        "win_row": [w.row for w in windows],
-        "win_width": [w.width for w in windows],
-        "win_height": [w.height for w in windows],
+        "win_col": boxes[:, 0],
+        "win_row": boxes[:, 1],
+        "win_width": boxes[:, 2],
+        "win_height": boxes[:, 3],
         "scale": [w.scale for w in windows],
         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
         "geometry": shapely.to_wkb(polygons, output_dimension=2),

@@ -103,8 +103,16 @@ def apply_affine(affine: Affine, x: float, y: float) -> tuple[float, float]:
 
 def window_ring(affine: Affine, col: float, row: float, width: float, height: float) -> list[tuple[float, float]]:
     """Closed ring of a pixel window's corners mapped through a geotransform."""
-    corners = [(col, row), (col + width, row), (col + width, row + height), (col, row + height), (col, row)]
-    return [apply_affine(affine, x, y) for x, y in corners]
+    return [tuple(p) for p in window_rings(affine, np.array([[col, row, width, height]], dtype=np.float64))[0]]
+
+
+def window_rings(affine: Affine, windows: np.ndarray) -> np.ndarray:
+    """Closed corner rings [n, 5, 2] of pixel windows [n, 4] (col, row, width, height) in map coordinates."""
+    col, row, width, height = np.asarray(windows, dtype=np.float64).T
+    px = np.stack([col, col + width, col + width, col, col], axis=1)
+    py = np.stack([row, row, row + height, row + height, row], axis=1)
+    a, b, c, d, e, f = tuple(affine)[:6]
+    return np.stack([a * px + b * py + c, d * px + e * py + f], axis=-1)
 
 
 def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None) -> Scene:

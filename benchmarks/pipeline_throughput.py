@@ -1,0 +1,209 @@
+"""End-to-end tiles/s: the rsmclip-geo pipeline vs a naive loop, same model and scene, same run.
+
+Pipeline: `index_scenes` (reader threads → bounded queue → batches → ONNX Runtime → GeoParquet).
+Naive:    the whole scene in memory as a PIL image → crop each tile → open_clip's preprocess →
+          `model.encode_image` per batch in torch.
+Both embed exactly the same windows (tile filtering is turned off) with the same thread count;
+library imports, model loading and one warm-up batch are excluded from both timings.
+
+    python benchmarks/pipeline_throughput.py --bundle rsmclip_geo/models/rsmclip-demo-aid
+    python benchmarks/pipeline_throughput.py --random tiny                 # tiny ViT + XLM-R, random weights
+    python benchmarks/pipeline_throughput.py --random xlmr-vit-b-32 --int8 # ViT-B/32 fp32 + int8 bundles
+
+With --int8 the int8 bundle's retrieval agreement with fp32 is reported (tile-to-tile neighbours).
+Needs the training extra (torch, open_clip) for the naive loop and the exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SCENE = REPO / ".." / "shared" / "data" / "geotiff" / "fotomap_4band_2cm.tif"
+# Random-weight models (seed 0) with RS-M-CLIP's layout: a ViT image tower and an XLM-R-style HF text
+# tower whose tokenizer is trained on the export probe sentences (the hub's xlm-roberta files are offline).
+#   tiny:              2-layer ViT/16 at 64 px, 2-layer text tower (like the tests' tiny_bundle)
+#   xlmr-vit-b-32:     open_clip's xlm-roberta-base-ViT-B-32 (ViT-B/32 at 224 px, XLM-R base dimensions;
+#                      only the vocabulary is smaller), the architecture of RS-M-CLIP
+RANDOM_MODELS = {
+    "tiny": (
+        {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
+                                         "patch_size": 16}},
+        {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96},
+    ),
+    "xlmr-vit-b-32": (
+        {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32}},
+        {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    ),
+}
+CONTEXT_LENGTH = 32
+
+
+def export_random_bundles(name: str, work: Path, int8: bool) -> dict[str, Path]:
+    """Export a RANDOM_MODELS entry (seed 0) as fp32 (+ int8) bundles; the fp32 one keeps torch weights.
+    Bundles already exported into `work` (same name) are reused."""
+    wanted = ["fp32", "int8"] if int8 else ["fp32"]
+    if all((work / p / "bundle.json").is_file() for p in wanted):
+        return {p: work / p for p in wanted}
+    import torch
+
+    from training.export import export_bundle
+    from training.model import create_model
+    from training.tokenizer import train_tokenizer, write_hf_text_dir
+
+    model_cfg, text_dims = RANDOM_MODELS[name]
+    probes = json.loads((REPO / "training" / "probes" / "texts.json").read_text(encoding="utf-8"))
+    texts = [text for sentences in probes.values() for text in sentences] * 3
+    hf_text_dir = write_hf_text_dir(work / "hf_text", train_tokenizer(texts, vocab_size=400),
+                                    context_length=CONTEXT_LENGTH, **text_dims)
+    config = work / f"{name}.json"
+    text_cfg = {"hf_model_name": "bench-xlm-roberta", "hf_tokenizer_name": "bench-xlm-roberta",
+                "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": CONTEXT_LENGTH}
+    config.write_text(json.dumps({**model_cfg, "text_cfg": text_cfg}))
+    torch.manual_seed(0)
+    loaded = create_model(config, hf_text_dir=hf_text_dir)
+    bundles = {"fp32": export_bundle(loaded, work / "fp32", name=f"bench-{name}-fp32", torch_weights=True)}
+    if int8:
+        bundles["int8"] = export_bundle(loaded, work / "int8", name=f"bench-{name}-int8", precision="int8")
+    return bundles
+
+
+def pipeline_runner(bundle: Path, scene: Path, params, threads: int, batch_size: int, work: Path):
+    """A callable timing `index_scenes` on one scene: () -> (seconds, tiles, index path)."""
+    import pandas  # noqa: F401  (pyarrow.parquet imports it on first use: library imports are not timed)
+
+    from rsmclip_geo.encoders import load_model
+    from rsmclip_geo.index import TileIndex, index_scenes
+
+    model = load_model(bundle, threads=threads)
+    size = model.bundle.info.image_size
+    model.encode_pixels(np.zeros((batch_size, 3, size, size), np.float32))  # session + warm-up
+
+    def run():
+        output = work / f"{bundle.name}-{time.monotonic_ns()}.parquet"
+        start = time.perf_counter()
+        index_scenes([scene], output, model=model, tiling=params, batch_size=batch_size, threads=threads)
+        seconds = time.perf_counter() - start
+        return seconds, len(TileIndex.open(output)), output
+
+    return run
+
+
+def naive_runner(bundle: Path, scene: Path, windows, threads: int, batch_size: int):
+    """A callable timing the naive loop: PIL crop → open_clip preprocess → encode_image per batch."""
+    import rasterio
+    import torch
+    from PIL import Image
+
+    from training.model import create_model
+
+    torch.set_num_threads(threads)
+    loaded = create_model(bundle / "open_clip_config.json", checkpoint=bundle / "weights.safetensors")
+    preprocess = loaded.preprocess  # open_clip's validation transform
+    with torch.inference_mode():
+        loaded.model.encode_image(torch.zeros(batch_size, 3, *loaded.model.visual.image_size))  # warm-up
+
+    def run():
+        start = time.perf_counter()
+        with rasterio.open(scene) as src:
+            image = Image.fromarray(src.read([1, 2, 3]).transpose(1, 2, 0))
+        done = 0
+        with torch.inference_mode():
+            for first in range(0, len(windows), batch_size):
+                chunk = windows[first:first + batch_size]
+                batch = torch.stack([preprocess(image.crop((w.col, w.row, w.col + w.width, w.row + w.height)))
+                                     for w in chunk])
+                torch.nn.functional.normalize(loaded.model.encode_image(batch), dim=-1)
+                done += len(chunk)
+        return time.perf_counter() - start, done, None
+
+    return run
+
+
+def neighbour_agreement(reference: np.ndarray, other: np.ndarray, k: int = 5) -> tuple[float, float, float]:
+    """(mean cosine between paired embeddings, top-1 and top-k neighbour agreement, tile-to-tile)."""
+    reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    other = other / np.linalg.norm(other, axis=1, keepdims=True)
+    paired = float(np.mean(np.sum(reference * other, axis=1)))
+    ref_scores, other_scores = reference @ reference.T, other @ other.T
+    np.fill_diagonal(ref_scores, -np.inf)
+    np.fill_diagonal(other_scores, -np.inf)
+    ref_rank, other_rank = np.argsort(-ref_scores, axis=1), np.argsort(-other_scores, axis=1)
+    top1 = float(np.mean(ref_rank[:, 0] == other_rank[:, 0]))
+    topk = float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ref_rank, other_rank)]))
+    return paired, top1, topk
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", type=Path, help="a bundle with weights.safetensors (for the naive loop)")
+    source.add_argument("--random", choices=sorted(RANDOM_MODELS), help="export a random-weight model first")
+    parser.add_argument("--int8", action="store_true", help="with --random: also an int8 bundle")
+    parser.add_argument("--scene", type=Path, default=DEFAULT_SCENE)
+    parser.add_argument("--tile-size", type=int, help="pixels (default: the bundle's tile size)")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (median reported)")
+    parser.add_argument("--work-dir", type=Path, help="keep exported bundles and indexes here")
+    args = parser.parse_args(argv)
+
+    from rsmclip_geo.bundle import load_bundle
+    from rsmclip_geo.index import TileIndex
+    from rsmclip_geo.raster import open_scene
+    from rsmclip_geo.tiling import TilingParams, tile_windows
+
+    with tempfile.TemporaryDirectory(prefix="rsmclip-bench-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        bundles = {"bundle": args.bundle} if args.bundle else export_random_bundles(args.random, work, args.int8)
+        reference = next(iter(bundles.values()))
+        info = load_bundle(reference).info
+        params = TilingParams(tile_size=args.tile_size, overlap=args.overlap, min_valid=0.0, min_std=0.0)
+        params = params.resolved(info.default_tile_size)
+        scene = open_scene(args.scene)
+        windows = tile_windows(scene, params)
+        print(f"model: {info.architecture}")
+        print(f"scene: {scene.path.name} {scene.width}×{scene.height} px, tile {params.tile_size} px, "
+              f"overlap {params.overlap}, {len(windows)} tiles, threads {args.threads}, batch {args.batch_size}")
+
+        runners = {"naive": naive_runner(reference, scene.path, windows, args.threads, args.batch_size)}
+        for label, bundle in bundles.items():
+            runners[label] = pipeline_runner(bundle, scene.path, params, args.threads, args.batch_size, work)
+        rates: dict[str, list[float]] = {label: [] for label in runners}
+        indexes = {}
+        for _ in range(args.repeat):  # interleaved, so that load from other processes hits both sides
+            for label, run in runners.items():
+                seconds, tiles, output = run()
+                assert tiles == len(windows), (label, tiles, len(windows))
+                rates[label].append(tiles / seconds)
+                if output is not None:
+                    indexes[label] = output
+        naive_rate = float(np.median(rates["naive"]))
+        print(f"{'naive (PIL crop → open_clip preprocess → torch encode_image)':<62} {naive_rate:8.1f} tiles/s"
+              f"   (median of {args.repeat})")
+        for label in bundles:
+            rate = float(np.median(rates[label]))
+            print(f"{'pipeline (' + label + ', ONNX Runtime, index written)':<62} {rate:8.1f} tiles/s"
+                  f"   ratio {rate / naive_rate:.2f}×")
+        if "int8" in indexes:
+            fp32 = TileIndex.open(indexes["fp32"]).embeddings().astype(np.float32)
+            int8 = TileIndex.open(indexes["int8"]).embeddings().astype(np.float32)
+            cosine, top1, top5 = neighbour_agreement(fp32, int8)
+            print(f"int8 vs fp32: mean tile-embedding cosine {cosine:.4f}, tile-to-tile neighbour agreement "
+                  f"top-1 {top1:.1%}, top-5 {top5:.1%} ({len(fp32)} tiles)")
+            print(f"int8 bundle parity (export probes): {load_bundle(bundles['int8']).info.parity}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
