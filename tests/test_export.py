@@ -49,8 +49,10 @@ def test_weights_for_another_architecture_are_refused(tiny_model, tmp_path: Path
     config["vision_cfg"]["width"] = 96
     other = tmp_path / "other.json"
     other.write_text(json.dumps(config))
+    plain = tmp_path / "plain.pt"
+    torch.save(create_model(None, checkpoint=tiny_model.checkpoint).model.state_dict(), plain)
     with pytest.raises(RsmclipError, match="do not fit"):
-        create_model(other, hf_text_dir=tiny_model.hf_text_dir, checkpoint=tiny_model.checkpoint)
+        create_model(other, hf_text_dir=tiny_model.hf_text_dir, checkpoint=plain)
 
 
 def test_unknown_model_name() -> None:

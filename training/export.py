@@ -163,6 +163,9 @@ def convert_precision(path: Path, precision: str) -> None:
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        proto = onnx.load(str(path))
+        del proto.graph.value_info[:]  # the exporter's stored shapes trip the quantiser's shape inference
+        onnx.save(proto, str(path))
         quantized = path.with_name(path.stem + ".int8.onnx")
         quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"])
