@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +83,33 @@ def warn_long_queries(model, queries: Sequence[str]) -> None:
             log.warning("query %r… is longer than the model's %d tokens; it is truncated", query[:40], limit)
 
 
+@lru_cache(maxsize=8)
+def known_terms(bundle_path: str, vocabulary: str | None) -> frozenset[str]:
+    """Lower-cased terms of a bundle's vocabulary.json (all languages); empty when it has none."""
+    if not vocabulary:
+        return frozenset()
+    try:
+        data = json.loads((Path(bundle_path) / vocabulary).read_text(encoding="utf-8"))
+        return frozenset(term.lower() for terms in data["terms"].values() for term in terms)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: vocabulary %s is unreadable; no out-of-vocabulary warnings", bundle_path, vocabulary)
+        return frozenset()
+
+
+def warn_unknown_queries(model, queries: Sequence[str]) -> None:
+    """Warn about queries sharing no term with the vocabulary the model was trained on."""
+    terms = known_terms(str(model.bundle.path), model.bundle.info.vocabulary)
+    for query in queries:
+        text = query.lower()
+        if terms and not any(term in text or text in term for term in terms):
+            log.warning("query %r contains no term model %r was trained on; its ranking may be unreliable",
+                        query[:60], model.bundle.info.name)
+
+
 def query_vectors(model, queries: Sequence[str], lang: str | None = None) -> np.ndarray:
     """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates."""
     warn_long_queries(model, queries)
+    warn_unknown_queries(model, queries)
     if lang is None:
         return model.encode_texts(list(queries))
     if lang not in TEMPLATES:

@@ -176,3 +176,19 @@ def test_search_with_another_model_is_refused(index, tiny_bundle, tmp_path):
 def test_bad_search_params(index, model, kwargs, message):
     with pytest.raises(QueryError, match=message):
         search_index(index, "forest", model=model, **kwargs)
+
+
+def test_out_of_vocabulary_warning(index, tiny_bundle, tmp_path, caplog):
+    copy = shutil.copytree(tiny_bundle, tmp_path / "with-vocabulary")
+    (copy / "vocabulary.json").write_text(json.dumps({"terms": {"en": ["airport"], "pt": ["aeroporto"]}}))
+    info = json.loads((copy / "bundle.json").read_text())
+    info["vocabulary"] = "vocabulary.json"
+    (copy / "bundle.json").write_text(json.dumps(info))
+    model = load_model(copy)
+    assert model.bundle.fingerprint == index.bundle_fingerprint  # the same model, with a vocabulary
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        search_index(index, ["Aeroporto internacional", "airport"], model=model, top_k=1)
+    assert "no term" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        search_index(index, "xyzzy", model=model, top_k=1)
+    assert "'xyzzy' contains no term model 'tiny-bundle' was trained on" in caplog.text
