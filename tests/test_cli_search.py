@@ -207,3 +207,25 @@ def test_console_script_error_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"rsmclip-geo: error: {notes}: cannot be opened")
     assert outputs_in(tmp_path) == ["notes.tif"]
+
+
+def test_index_and_search_run_without_torch(geotiff, tiny_bundle, tmp_path):
+    """The whole runtime path (tiling, pipeline, index, search, export) in a process where torch cannot load."""
+    code = f"""
+import importlib.abc, sys
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "open_clip", "torchvision"):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+from rsmclip_geo.cli import main
+args = ["--model", {str(tiny_bundle)!r}]
+assert main(["index", {str(geotiff / "pix4d_farm_rgba_35cm.tif")!r}, "-o", "farm.parquet", "--tile-size", "64", *args]) == 0
+assert main(["search", "farm.parquet", "aeroporto", "-o", "hits.geojson", "--heatmap", "heat.tif", *args]) == 0
+assert main(["tile-search", {str(geotiff / "colorado_rgb_15cm.tif")!r}, "praia", "--no-cache", "--tile-size", "64",
+             "-o", "t.gpkg", *args]) == 0
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip")]
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"farm.parquet", "hits.geojson", "heat.tif", "t.gpkg"} <= set(outputs_in(tmp_path))
