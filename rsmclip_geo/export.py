@@ -35,12 +35,16 @@ def hits_to_geojson(hits: Sequence[Hit]) -> dict:
     }
 
 
-def check_writable(path: Path, formats: Sequence[str] | None = None, option: str = "-o") -> None:
-    """RsmclipError naming the option when a file cannot be written at `path` (checked before any work)."""
+def check_writable(path: Path, formats: Sequence[str] | None = None, option: str = "-o",
+                   directory: bool = False) -> None:
+    """RsmclipError naming the option when a file (or, with `directory`, a directory) cannot be
+    written at `path`; checked before any work."""
     if formats is not None and path.suffix.lower() not in formats:
         raise RsmclipError(f"{option} {path}: unknown output format; use one of {', '.join(formats)}")
-    if path.is_dir():
+    if not directory and path.is_dir():
         raise RsmclipError(f"{option} {path}: is a directory; give a file name")
+    if directory and path.is_file():
+        raise RsmclipError(f"{option} {path}: is a file; give a directory name (or a .parquet file name)")
     if not path.parent.is_dir():
         raise RsmclipError(f"{option} {path}: directory {path.parent} does not exist; create it or choose another path")
     if not os.access(path.parent, os.W_OK):

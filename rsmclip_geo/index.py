@@ -153,14 +153,18 @@ def _with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
 
 
 def _check_output(output: Path) -> None:
-    """Fail early, before any work, when the output location cannot be written."""
-    parent = output.parent
-    if not parent.is_dir():
-        raise RsmclipError(f"-o {output}: directory {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise RsmclipError(f"-o {output}: directory {parent} is not writable; choose another output path")
-    if output.suffix == ".parquet" and output.is_dir():
-        raise RsmclipError(f"-o {output}: is a directory; choose a file name ending in .parquet")
+    """Fail early, before any work, when the index cannot be written at `output`."""
+    from rsmclip_geo.export import check_writable  # export builds on this module
+
+    directory = output.suffix != ".parquet"
+    check_writable(output, directory=directory)
+    if directory and output.is_dir() and any(not _is_index_part(p) for p in output.iterdir()):
+        raise RsmclipError(f"-o {output}: directory exists and holds other files (it would be replaced); "
+                           "choose a new directory or a .parquet file name")
+
+
+def _is_index_part(path: Path) -> bool:
+    return path.name.startswith("part-") and path.suffix == ".parquet"
 
 
 class _ShardWriter:

@@ -254,3 +254,17 @@ def test_cache_key(shared_data, tmp_path):
     other = open_scene(shared_data / "geotiff" / SCENES[1])
     assert key != cache_key(other, "a" * 64, PARAMS)
     assert len(tile_windows(scene, PARAMS)) > 0
+
+
+def test_existing_directory_with_other_files_is_never_replaced(shared_data, model, tmp_path):
+    keep = tmp_path / "my_data"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    with pytest.raises(RsmclipError, match=r"my_data: directory exists and holds other files"):
+        index_scenes([shared_data / "geotiff" / SCENES[0]], keep, model=model, tiling=PARAMS)
+    assert (keep / "notes.txt").read_text() == "precious"
+    # an index directory is rebuilt in place
+    output = tmp_path / "parts"
+    index_scenes([shared_data / "geotiff" / SCENES[0]], output, model=model, tiling=PARAMS)
+    index_scenes([shared_data / "geotiff" / SCENES[0]], output, model=model, tiling=TilingParams(tile_size=96))
+    assert set(TileIndex.open(output).column("win_width").tolist()) == {96}
