@@ -29,7 +29,7 @@ import torch
 
 from rsmclip_geo import bundle as bundle_format
 from rsmclip_geo.errors import RsmclipError
-from training.model import LoadedModel, architecture_payload, create_model, sha256_file
+from training.model import LoadedModel, architecture_payload, create_model, quiet_library_warnings, sha256_file
 
 log = logging.getLogger("training.export")
 
@@ -167,8 +167,9 @@ def convert_precision(path: Path, precision: str) -> None:
         del proto.graph.value_info[:]  # the exporter's stored shapes trip the quantiser's shape inference
         onnx.save(proto, str(path))
         quantized = path.with_name(path.stem + ".int8.onnx")
-        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+        with quiet_library_warnings("onnxruntime"):  # advice to run its pre-processing script
+            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"])
         os.replace(quantized, path)
     else:
         raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")

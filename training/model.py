@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,30 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return int(getattr(self.tokenizer, "context_length", None) or self.config["text_cfg"].get("context_length", 77))
+
+
+class _DropLibraryNotices(logging.Filter):
+    """Drop below-error records that a library logs on the root logger from files under ``fragment``."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or self.fragment not in record.pathname
+
+
+@contextmanager
+def quiet_library_warnings(fragment: str) -> Iterator[None]:
+    """Silence a library's root-logger warnings, e.g. open_clip reporting our temporary build directory as
+    having no weights (create_model logs its own, accurate warning)."""
+    root = logging.getLogger()
+    notice_filter = _DropLibraryNotices(fragment)
+    root.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice_filter)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -153,7 +178,8 @@ def create_model(
             text_cfg["hf_model_pretrained"] = False
         (Path(workdir) / "open_clip_config.json").write_text(
             json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}), encoding="utf-8")
-        clip = open_clip.create_model(f"local-dir:{workdir}", pretrained_text=False, device=device)
+        with quiet_library_warnings("open_clip"):
+            clip = open_clip.create_model(f"local-dir:{workdir}", pretrained_text=False, device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{workdir}")
     weights = checkpoint_path or _resolve_pretrained(name, pretrained)
     if weights is None:
@@ -307,7 +333,8 @@ def _create_with_hub_text(name: str, model_cfg: dict[str, Any], preprocess_cfg: 
             text_cfg["hf_model_pretrained"] = False
             (Path(workdir) / "open_clip_config.json").write_text(
                 json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}), encoding="utf-8")
-            clip = open_clip.create_model(f"local-dir:{workdir}", pretrained_text=False, device=device)
+            with quiet_library_warnings("open_clip"):
+                clip = open_clip.create_model(f"local-dir:{workdir}", pretrained_text=False, device=device)
             tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"],
                                               context_length=text_cfg.get("context_length", 77))
     except OSError as exc:
