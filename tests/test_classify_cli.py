@@ -114,3 +114,12 @@ def test_models_lists_bundles(tiny_bundle: Path, tmp_path: Path, monkeypatch: py
     assert len(bad) == 1 and "missing field" in bad[0]["error"]
     assert main(["models"]) == 0
     assert "tiny-bundle" in capsys.readouterr().out
+
+
+def test_automatic_provider_choice_prints_nothing(tiny_bundle: Path, shared_data: Path,
+                                                  capfd: pytest.CaptureFixture) -> None:
+    """With no --provider, a CUDA provider that is listed but cannot load must not spam stderr."""
+    assert main(["classify", *figs(shared_data), "--labels", "a", "b", "--model", str(tiny_bundle), "--json"]) == 0
+    captured = capfd.readouterr()
+    assert captured.err == ""
+    assert len(captured.out.splitlines()) == 2
