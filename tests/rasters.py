@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 UTM33 = "EPSG:32633"
@@ -32,7 +34,10 @@ def write_geotiff(
     if crs is None and transform is None:
         options.pop("crs")
         options.pop("transform")
-    with rasterio.open(path, "w", **options) as dst:
+    with warnings.catch_warnings():  # an ungeoreferenced file is what some tests want
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        dst = rasterio.open(path, "w", **options)
+    with dst:
         if colorinterp is not None:  # before the pixels, or GTiff drops the alpha flag
             dst.colorinterp = colorinterp
         dst.write(data)
