@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     process_until(lambda: dock.search_task is None, timeout=300)
     iface.bar.clearWidgets()
     dock.results.setCurrentItem(dock.results.topLevelItem(0))
+    rendered = []
+    iface.canvas.mapCanvasRefreshed.connect(lambda: rendered.append(True))
     iface.canvas.setExtent(layer.extent())
     iface.canvas.refresh()
-    process_until(lambda: not iface.canvas.isDrawing(), timeout=60)
+    process_until(lambda: rendered and not iface.canvas.isDrawing(), timeout=60)
     for _ in range(20):
         app.processEvents()
     args.output.parent.mkdir(parents=True, exist_ok=True)
