@@ -450,6 +450,25 @@ def mixture_weights(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarra
     return per_item / per_item.sum()
 
 
+def interleave_labels(order: torch.Tensor, labels: Sequence[str | None], gen: torch.Generator) -> torch.Tensor:
+    """Reorder ``order`` in rounds that take one item of every label still left, in a random label order.
+
+    Consecutive items then rarely share a label, so a batch of class captions holds few duplicate
+    classes: the contrastive loss sees no same-class pairs as negatives while every class has items
+    in each round.
+    """
+    queues: dict[str | None, list[int]] = {}
+    for index in order.tolist():
+        queues.setdefault(labels[index], []).append(index)
+    keys = list(queues)
+    out: list[int] = []
+    while keys:
+        for k in torch.randperm(len(keys), generator=gen).tolist():
+            out.append(queues[keys[k]].pop())
+        keys = [key for key in keys if queues[key]]
+    return torch.tensor(out, dtype=order.dtype)
+
+
 class ResumableWeightedSampler(Sampler):
     """Deterministic epoch order over (possibly weighted) items, sharded across DDP ranks.
 
@@ -468,8 +487,10 @@ class ResumableWeightedSampler(Sampler):
         samples_per_epoch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        distinct_labels: Sequence[str | None] | None = None,
     ) -> None:
         self.n_items = n_items
+        self.distinct_labels = None if distinct_labels is None else list(distinct_labels)
         self.batch_size = batch_size
         self.seed = seed
         self.probabilities = None if probabilities is None else torch.as_tensor(probabilities, dtype=torch.float64)
@@ -497,6 +518,8 @@ class ResumableWeightedSampler(Sampler):
             order = torch.randperm(self.n_items, generator=gen)[: self.samples_per_epoch]
         else:
             order = torch.multinomial(self.probabilities, self.samples_per_epoch, replacement=True, generator=gen)
+        if self.distinct_labels is not None:
+            order = interleave_labels(order, self.distinct_labels, gen)
         seeds = torch.randint(0, 2**62, (len(order),), generator=gen)
         return order, seeds
 

@@ -74,6 +74,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "batch_size": 32,
         "workers": 2,
         "samples_per_epoch": None,
+        "distinct_labels": False,  # class folders: batches hold each class at most once (no same-class negatives)
         "local_crops": 6,
         "local_crop_size": None,  # default: the model's image size
         "global_crop_scale": [0.4, 1.0],
@@ -95,6 +96,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "grad_accum": 1,
         "grad_clip": 1.0,
         "precision": "auto",  # auto | fp32 | bf16 | fp16
+        "text_warmup_steps": 0,  # class folders: text-tower warm-up on class captions before CLIP training
+        "text_warmup_lr": 5e-4,
     },
     "loss": {
         "clip_views": 2,
@@ -270,6 +273,43 @@ def create_training_model(config: dict, groups: list[list[D.CaptionedImage]], ou
                         pretrained=mcfg["pretrained"], device=str(device))
 
 
+def warm_up_text_tower(model: nn.Module, tokenizer: Any, items: Sequence[D.CaptionedImage], *, steps: int,
+                       lr: float, batch_size: int, seed: int, device: torch.device) -> list[float]:
+    """Pull every class's captions (all languages, names and templates) towards a learned class prototype.
+
+    Both towers of a from-scratch model start random, and the contrastive loss then collapses the text
+    embeddings onto the images' mean direction for hundreds of steps. A short warm-up of the text tower
+    on class-folder captions gives the image tower distinct targets from the first CLIP step. Returns
+    the per-step losses.
+    """
+    captions: dict[str, list[str]] = {}
+    for item in items:
+        if item.label is not None and item.label not in captions:
+            captions[item.label] = sorted({c for caps in item.captions.values() for c in caps})
+    if len(captions) < 2:
+        raise RsmclipError("optim.text_warmup_steps needs class-folder data with at least 2 classes; set it to 0")
+    classes = sorted(captions)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    text_params = [p for name, p in model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
+    with torch.no_grad():
+        dim = model.encode_text(tokenizer(classes[:1]).to(device)).shape[-1]
+    prototypes = nn.Parameter((0.02 * torch.randn(len(classes), dim, generator=gen)).to(device))
+    optimizer = torch.optim.AdamW(text_params + [prototypes], lr=lr, weight_decay=0.05)
+    scale = float(model.logit_scale.detach().exp())
+    losses = []
+    for _ in range(steps):
+        batch = [classes[i] for i in rng.sample(range(len(classes)), min(batch_size, len(classes)))]
+        text = model.encode_text(tokenizer([rng.choice(captions[c]) for c in batch]).to(device), normalize=True)
+        logits = scale * text @ F.normalize(prototypes, dim=-1).T
+        loss = F.cross_entropy(logits, torch.tensor([classes.index(c) for c in batch], device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def check_view_size(visual: nn.Module, size: int, image_size: int, device: torch.device) -> None:
     """Fail early when the image tower cannot take local crops of ``size`` (e.g. fixed ViT position tables)."""
     try:
@@ -397,6 +437,12 @@ class Trainer:
         self.loaded.model.train()
         self.tokenizer = self.loaded.tokenizer
         lcfg, dcfg, ocfg = config["loss"], config["data"], config["optim"]
+        if resume is None and int(ocfg["text_warmup_steps"]) > 0:
+            losses = warm_up_text_tower(self.loaded.model, self.tokenizer, [i for g in groups for i in g],
+                                        steps=int(ocfg["text_warmup_steps"]), lr=float(ocfg["text_warmup_lr"]),
+                                        batch_size=int(dcfg["batch_size"]), seed=int(config["seed"]),
+                                        device=self.device)
+            log.info("text warm-up: %d steps, class loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
         size = self.loaded.preprocess_cfg.get("size", 224)
         image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.distill = float(lcfg["distill_weight"]) > 0
@@ -433,6 +479,7 @@ class Trainer:
             len(items), batch_size=int(dcfg["batch_size"]), seed=int(config["seed"]),
             probabilities=probabilities, samples_per_epoch=dcfg["samples_per_epoch"],
             rank=self.rank, world_size=self.world_size,
+            distinct_labels=[item.label for item in items] if dcfg["distinct_labels"] else None,
         )
         self.accum = int(ocfg["grad_accum"])
         steps_per_epoch = self.sampler.batches_per_epoch // self.accum
