@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from rsmclip_geo.errors import RsmclipError
+from training import data as D
 from training import train as T
 from training.model import create_model
 
@@ -198,3 +199,30 @@ def test_smoke_config_data_resolves():
     groups, weights = T.training_items(config)
     assert len(groups[0]) == 30 * 16 and weights == [1.0]
     assert all(len(item.captions) == 10 for item in groups[0])
+
+
+def test_distinct_label_batches_hold_each_class_once():
+    labels = [c for c, n in zip("abcdef", (9, 7, 5, 5, 4, 3)) for _ in range(n)]
+    order = D.interleave_labels(torch.randperm(len(labels)), labels, torch.Generator().manual_seed(1))
+    assert sorted(order.tolist()) == list(range(len(labels)))  # a permutation: nothing lost or repeated
+    first_round = [labels[i] for i in order[:6].tolist()]
+    assert sorted(first_round) == list("abcdef")
+    sampler = D.ResumableWeightedSampler(len(labels), batch_size=6, seed=0, distinct_labels=labels)
+    batch = [labels[i] for i, _ in list(sampler)[:6]]
+    assert len(set(batch)) == 6
+
+
+def test_text_warmup_learns_the_class_captions(tiny_aid, tiny_model):
+    from training.model import create_model
+
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    vocabulary = D.load_vocabulary(REPO / "training" / "vocab" / "aid_classes.yaml")
+    items = D.class_folder_items(D.split_class_folder(tiny_aid)["train"], vocabulary, list(D.LANGUAGES), "train")
+    losses = T.warm_up_text_tower(loaded.model, loaded.tokenizer, items, steps=120, lr=3e-3, batch_size=6,
+                                  seed=0, device=torch.device("cpu"))
+    assert len(losses) == 120
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert first > 1.5 and last < 0.5 * first, (first, last)
+    with pytest.raises(RsmclipError, match="text_warmup_steps"):
+        T.warm_up_text_tower(loaded.model, loaded.tokenizer, items[:1], steps=1, lr=1e-3, batch_size=6, seed=0,
+                             device=torch.device("cpu"))
