@@ -28,20 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multilingual text search over aerial and satellite imagery (RS-M-CLIP).",
     )
     parser.add_argument("--version", action="version", version=f"rsmclip-geo {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    add_verbosity_flags(parser, default=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
+    for command in sub.choices.values():  # the flags also work after the command name
+        add_verbosity_flags(command, default=False)
     return parser
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """-v/--verbose and -q/--quiet; a command's copies leave the top-level values alone unless given."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=0 if default else argparse.SUPPRESS,
+                       help="more log output (-vv for debug)")
+    group.add_argument("-q", "--quiet", action="store_true", default=False if default else argparse.SUPPRESS,
+                       help="only errors")
 
 
 def configure_logging(verbose: int, quiet: bool) -> None:
