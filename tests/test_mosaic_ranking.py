@@ -14,6 +14,7 @@ import shapely
 from PIL import Image
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
+from conftest import requires_demo_model
 from rasters import write_geotiff
 
 from rsmclip_geo.encoders import load_model
@@ -22,6 +23,8 @@ from rsmclip_geo.index import TileIndex, index_scenes
 from rsmclip_geo.raster import open_scene
 from rsmclip_geo.search import search_index
 from rsmclip_geo.tiling import TilingParams
+
+pytestmark = requires_demo_model
 
 CELL = 150  # AID images here are 150 × 150
 PER_CLASS = 3

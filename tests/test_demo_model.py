@@ -1,0 +1,199 @@
+"""The bundled demo model rsmclip-demo-aid: its vocabulary, the shipped bundle, parity, and search on the demo scene."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+from conftest import requires_demo_model
+
+from rsmclip_geo import api
+from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
+from rsmclip_geo.encoders import load_model
+from training import data as D
+from training.demo_scene import CELL, COLUMNS, ROWS, build_demo_scene, read_cells_csv
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL
+VOCABULARY = REPO_ROOT / "training" / "vocab" / "aid_classes.yaml"
+MOSAIC = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic.tif"
+CELLS_CSV = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic_cells.csv"
+LANGUAGES = ["en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru"]
+MAX_BUNDLE_BYTES = 50 * 1024 * 1024
+
+# (query, class of the mosaic cell it must rank first): analysts' words in seven languages
+CLASS_QUERIES = [
+    ("aeroporto", "Airport"),
+    ("storage tanks", "StorageTanks"),
+    ("储油罐", "StorageTanks"),
+    ("campo de béisbol", "BaseballField"),
+    ("plage", "Beach"),
+    ("Parkplatz", "Parking"),
+    ("공항", "Airport"),
+    ("стадион", "Stadium"),
+    ("deserto", "Desert"),
+]
+
+
+@pytest.fixture(autouse=True)
+def only_package_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Resolve bundle names in the package's models folder only (no user or $RSMCLIP_GEO_MODELS bundles)."""
+    monkeypatch.delenv("RSMCLIP_GEO_MODELS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_model(None)
+
+
+@pytest.fixture(scope="module")
+def cell_of_class() -> dict[str, tuple[int, int]]:
+    return {row["class"]: (int(row["col"]), int(row["row"])) for row in read_cells_csv(CELLS_CSV)}
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def test_vocabulary_covers_every_aid_class_in_every_language(shared_data: Path) -> None:
+    vocab = D.load_vocabulary(VOCABULARY)
+    assert vocab.languages == LANGUAGES
+    assert sorted(vocab.entries) == D.list_class_folders(shared_data / "aid")
+    for class_name in vocab.entries:
+        for lang in LANGUAGES:
+            assert len(vocab.prompts(class_name, lang, "train")) >= 14, (class_name, lang)
+            assert len(vocab.prompts(class_name, lang, "heldout")) >= 8, (class_name, lang)
+
+
+def test_heldout_names_and_templates_never_occur_in_training_captions() -> None:
+    vocab = D.load_vocabulary(VOCABULARY)
+    raw = yaml.safe_load(VOCABULARY.read_text(encoding="utf-8"))
+    train_captions = [p.lower() for c in vocab.entries for lang in LANGUAGES for p in vocab.prompts(c, lang, "train")]
+    for class_name, per_lang in raw["classes"].items():
+        for lang, parts in per_lang.items():
+            for name in parts["heldout"]:
+                seen = [caption for caption in train_captions if name.lower() in caption]
+                assert not seen, f"held-out {lang} name {name!r} of {class_name} occurs in training caption {seen[0]!r}"
+    for lang, parts in raw["templates"].items():
+        assert not set(parts["heldout"]) & set(parts["train"]), lang
+
+
+# --------------------------------------------------------------------------- the shipped bundle
+
+
+@requires_demo_model
+def test_default_model_is_the_shipped_demo_bundle(demo_model) -> None:
+    bundle = demo_model.bundle
+    assert bundle.path.resolve() == BUNDLE_DIR.resolve()
+    bundle.verify()  # every file listed in bundle.json has its recorded sha256
+    info = bundle.info
+    assert info.default_tile_size == 150
+    assert list(info.languages) == LANGUAGES
+    assert info.precision == "fp32"
+    assert (BUNDLE_DIR / "MODEL_CARD.md").is_file()
+    size = sum(path.stat().st_size for path in BUNDLE_DIR.iterdir())
+    assert size <= MAX_BUNDLE_BYTES, f"bundle is {size / 2**20:.1f} MiB"
+
+
+@requires_demo_model
+def test_bundle_vocabulary_lists_the_training_class_names() -> None:
+    info = load_bundle(DEFAULT_MODEL).info
+    assert info.vocabulary == "vocabulary.json"
+    known = json.loads((BUNDLE_DIR / info.vocabulary).read_text(encoding="utf-8"))
+    vocab = D.load_vocabulary(VOCABULARY)
+    assert sorted(known["terms"]) == sorted(LANGUAGES)
+    for class_name, per_lang in vocab.entries.items():
+        for lang in LANGUAGES:
+            train_names, _ = per_lang[lang]["train"]
+            assert known["classes"][class_name][lang] == train_names
+            assert set(train_names) <= set(known["terms"][lang])
+    assert "aeroporto" in known["terms"]["pt"] and "储油罐" in known["terms"]["zh"]
+
+
+@requires_demo_model
+def test_parity_figures_in_bundle_json_hold_when_remeasured() -> None:
+    pytest.importorskip("torch")
+    from training.export import PARITY_THRESHOLDS, load_probes, measure_parity
+    from training.model import create_model
+
+    recorded = load_bundle(DEFAULT_MODEL).info.parity
+    loaded = create_model(BUNDLE_DIR / "open_clip_config.json", checkpoint=BUNDLE_DIR / "weights.safetensors")
+    images, texts = load_probes()
+    measured = measure_parity(loaded, BUNDLE_DIR, images, texts)
+    assert measured["n_images"] == recorded["n_images"] and measured["n_texts"] == recorded["n_texts"]
+    for key in ("image_min_cosine", "text_min_cosine"):
+        assert measured[key] >= PARITY_THRESHOLDS["fp32"], key
+        assert measured[key] == pytest.approx(recorded[key], abs=1e-5), key
+    assert measured["top1_agreement"] == recorded["top1_agreement"] == 1.0
+    assert measured["top5_agreement"] == recorded["top5_agreement"]
+    assert measured["tokenizer_mismatches"] == recorded["tokenizer_mismatches"] == 0
+    assert measured["preprocess_max_abs_diff"] <= 1e-5
+
+
+# --------------------------------------------------------------------------- the demo scene
+
+
+def test_demo_scene_is_rebuilt_identically_from_validation_images(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mosaic.tif"
+    cells = build_demo_scene(shared_data / "aid", out)
+    assert (tmp_path / "mosaic_cells.csv").read_text(encoding="utf-8") == CELLS_CSV.read_text(encoding="utf-8")
+    validation = {path.resolve() for path, _ in D.split_class_folder(shared_data / "aid")["val"]}
+    assert all(cell.source.resolve() in validation for cell in cells)
+    assert len({cell.label for cell in cells}) == COLUMNS * ROWS
+    with rasterio.open(out) as rebuilt, rasterio.open(MOSAIC) as shipped:
+        assert shipped.crs == rebuilt.crs and shipped.crs.to_epsg() == 32629
+        assert shipped.transform == rebuilt.transform
+        assert (shipped.width, shipped.height) == (COLUMNS * CELL, ROWS * CELL)
+        assert shipped.profile["tiled"] and shipped.profile["compress"] == "jpeg"
+        assert np.array_equal(shipped.read(), rebuilt.read())
+    assert MOSAIC.stat().st_size < 1024 * 1024
+
+
+@requires_demo_model
+@pytest.mark.parametrize("query,class_name", CLASS_QUERIES)
+def test_class_query_ranks_its_mosaic_cell_first(query: str, class_name: str, demo_model, cell_of_class,
+                                                 tmp_path: Path) -> None:
+    hits, index = api.tile_search(MOSAIC, query, model=demo_model, top_k=1, cache_dir=tmp_path / "cache")
+    assert len(index) == COLUMNS * ROWS  # default tile size 150 px: one tile per cell
+    top = hits[0]
+    assert (top.win_width, top.win_height) == (CELL, CELL)
+    assert (top.win_col // CELL, top.win_row // CELL) == cell_of_class[class_name], (query, top)
+
+
+@requires_demo_model
+def test_primary_class_names_find_their_cells_in_every_language(demo_model, cell_of_class) -> None:
+    """The first training name of every class, in each language, ranks that class's cell first for most classes."""
+    with rasterio.open(MOSAIC) as src:
+        pixels = src.read().transpose(1, 2, 0)
+    cells = sorted(cell_of_class.items(), key=lambda item: (item[1][1], item[1][0]))
+    tiles = np.stack([pixels[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] for _, (c, r) in cells])
+    image_emb = demo_model.encode_images(tiles)
+    vocab = D.load_vocabulary(VOCABULARY)
+    for lang in LANGUAGES:
+        names = [vocab.entries[label][lang]["train"][0][0] for label, _ in cells]
+        best_cell = np.argmax(demo_model.encode_texts(names) @ image_emb.T, axis=1)
+        correct = float(np.mean(best_cell == np.arange(len(cells))))
+        assert correct >= 0.7, f"{lang}: {correct:.0%} of the class names rank their own cell first"
+
+
+@requires_demo_model
+def test_cli_tile_search_on_the_demo_scene_writes_geojson_hits(cell_of_class, tmp_path: Path) -> None:
+    out = tmp_path / "hits.geojson"
+    env = {**os.environ, "RSMCLIP_GEO_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "rsmclip_geo", "tile-search", str(MOSAIC), "aeroporto", "--top-k", "3", "-o", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    features = json.loads(out.read_text(encoding="utf-8"))["features"]
+    assert len(features) == 3
+    first = features[0]["properties"]
+    assert (first["win_col"] // CELL, first["win_row"] // CELL) == cell_of_class["Airport"]
