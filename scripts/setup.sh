@@ -14,6 +14,6 @@ python3 -m venv .venv
 if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends python3-qgis qgis-providers python3-rasterio xvfb xauth >/dev/null
+    apt-get install -y -q python3-qgis qgis-providers python3-rasterio xvfb xauth >/dev/null
 fi
 bash tests/qgis/setup_venv.sh .qgis-venv
