@@ -299,10 +299,11 @@ def warm_up_text_tower(model: nn.Module, tokenizer: Any, items: Sequence[D.Capti
     scale = float(model.logit_scale.detach().exp())
     losses = []
     for _ in range(steps):
-        batch = [classes[i] for i in rng.sample(range(len(classes)), min(batch_size, len(classes)))]
-        text = model.encode_text(tokenizer([rng.choice(captions[c]) for c in batch]).to(device), normalize=True)
+        picked = rng.sample(range(len(classes)), min(batch_size, len(classes)))
+        text = model.encode_text(tokenizer([rng.choice(captions[classes[i]]) for i in picked]).to(device),
+                                 normalize=True)
         logits = scale * text @ F.normalize(prototypes, dim=-1).T
-        loss = F.cross_entropy(logits, torch.tensor([classes.index(c) for c in batch], device=device))
+        loss = F.cross_entropy(logits, torch.tensor(picked, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -437,8 +438,9 @@ class Trainer:
         self.loaded.model.train()
         self.tokenizer = self.loaded.tokenizer
         lcfg, dcfg, ocfg = config["loss"], config["data"], config["optim"]
+        items = [item for group in groups for item in group]
         if resume is None and int(ocfg["text_warmup_steps"]) > 0:
-            losses = warm_up_text_tower(self.loaded.model, self.tokenizer, [i for g in groups for i in g],
+            losses = warm_up_text_tower(self.loaded.model, self.tokenizer, items,
                                         steps=int(ocfg["text_warmup_steps"]), lr=float(ocfg["text_warmup_lr"]),
                                         batch_size=int(dcfg["batch_size"]), seed=int(config["seed"]),
                                         device=self.device)
@@ -461,7 +463,6 @@ class Trainer:
                                                      center_momentum=lcfg["center_momentum"]).to(self.device)
 
         # data
-        items = [item for group in groups for item in group]
         probabilities = D.mixture_weights([len(g) for g in groups], weights) if len(groups) > 1 else None
         self.augment = D.MultiCropAugment(D.MultiCropConfig(
             global_size=image_size,
