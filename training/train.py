@@ -313,12 +313,16 @@ def warm_up_text_tower(model: nn.Module, tokenizer: Any, items: Sequence[D.Capti
 
 def check_view_size(visual: nn.Module, size: int, image_size: int, device: torch.device) -> None:
     """Fail early when the image tower cannot take local crops of ``size`` (e.g. fixed ViT position tables)."""
+    was_training = visual.training
+    visual.eval()  # no batch-norm statistics from the probe
     try:
         with torch.no_grad():
             visual(torch.zeros(1, 3, size, size, device=device))
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise RsmclipError(f"data.local_crop_size {size} does not fit this image tower ({D.one_line(exc, 80)});"
                            f" set it to the model image size {image_size}") from exc
+    finally:
+        visual.train(was_training)
 
 
 def parameter_groups(student: RsmClipStudent, config: dict) -> list[dict]:
