@@ -99,8 +99,15 @@ def test_export_cli_from_checkpoint_replaces_a_bundle_atomically(tiny_model, tmp
     assert (info.name, info.languages, info.default_tile_size) == ("ck", ("en", "pt"), 256)
     assert info.source["checkpoint_sha256"] and info.parity["n_images"] == 16 and info.parity["n_texts"] == 31
     first = load_bundle(out).fingerprint
-    assert export_main(["--checkpoint", str(tiny_model.checkpoint), "-o", str(out), "--name", "ck2"]) == 0
+    card = tmp_path / "card.md"
+    card.write_text("# ck2\n", encoding="utf-8")
+    assert export_main(["--checkpoint", str(tiny_model.checkpoint), "-o", str(out), "--name", "ck2",
+                        "--model-card", str(card)]) == 0
     assert load_bundle(out).info.name == "ck2" and load_bundle(out).fingerprint != first
+    assert (out / "MODEL_CARD.md").read_text(encoding="utf-8") == "# ck2\n"
+    assert "MODEL_CARD.md" in json.loads((out / "bundle.json").read_text(encoding="utf-8"))["files"]
+    assert export_main(["--checkpoint", str(tiny_model.checkpoint), "-o", str(out),
+                        "--model-card", str(tmp_path / "missing.md")]) == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["from-ckpt"]  # no temp dirs left behind
 
 

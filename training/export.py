@@ -39,6 +39,7 @@ PARITY_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 RSMCLIP_LANGUAGES = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
 VOCABULARY_JSON = "vocabulary.json"
+MODEL_CARD = "MODEL_CARD.md"
 _TEMP_OUTPUT = "embedding_out"  # the dynamo exporter may already use "embedding" for an internal value
 
 
@@ -416,11 +417,13 @@ def export_bundle(
     default_tile_size: int | None = None,
     probes_dir: str | os.PathLike | None = None,
     vocabulary: str | os.PathLike | None = None,
+    model_card: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``loaded`` to a bundle directory at ``output`` (atomically: temp dir, then rename).
 
     ``vocabulary``: the training vocabulary YAML; its train-part class names go into the bundle's
     vocabulary.json (known terms per language, for the runtime's out-of-vocabulary warnings).
+    ``model_card``: a Markdown file copied into the bundle as MODEL_CARD.md.
     """
     if precision not in PARITY_THRESHOLDS:
         raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")
@@ -435,6 +438,8 @@ def export_bundle(
     known_terms = vocabulary_json(Path(vocabulary)) if vocabulary is not None else None
     if known_terms is not None:
         info["vocabulary"] = VOCABULARY_JSON
+    if model_card is not None and not Path(model_card).is_file():
+        raise RsmclipError(f"--model-card {model_card}: no such file; pass the Markdown model card to ship")
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         (work / bundle_format.TOKENIZER_JSON).write_text(bundle_tokenizer_json(loaded), encoding="utf-8")
@@ -451,6 +456,8 @@ def export_bundle(
             _write_torch_weights(loaded, work)
         if known_terms is not None:
             write_json(work / VOCABULARY_JSON, known_terms)
+        if model_card is not None:
+            shutil.copyfile(model_card, work / MODEL_CARD)
         info["files"] = {path.name: sha256_file(path) for path in sorted(work.iterdir())
                          if path.name != bundle_format.BUNDLE_JSON}
         write_json(work / bundle_format.BUNDLE_JSON, info)
@@ -532,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write weights.safetensors + open_clip_config.json for the torch backend")
     parser.add_argument("--probes", help="probe folder (images/, texts.json) instead of the packaged probes")
     parser.add_argument("--vocabulary", help="training vocabulary YAML; writes vocabulary.json (known terms)")
+    parser.add_argument("--model-card", help="Markdown model card to ship in the bundle as MODEL_CARD.md")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
     return parser
 
@@ -552,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = export_bundle(loaded, args.output, precision=args.precision, name=args.name, version=args.version,
                             languages=args.languages, torch_weights=args.torch_weights,
                             default_tile_size=args.default_tile_size, probes_dir=args.probes,
-                            vocabulary=args.vocabulary)
+                            vocabulary=args.vocabulary, model_card=args.model_card)
     except RsmclipError as exc:
         print(f"training.export: error: {exc}", file=sys.stderr)
         return 2
