@@ -10,17 +10,19 @@ from pathlib import Path
 
 from rsmclip_geo.errors import RsmclipError, TileIndexError
 from rsmclip_geo.export import hits_to_geojson, write_heatmap, write_hits
-from rsmclip_geo.index import TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model
+from rsmclip_geo.ann import build_ann
+from rsmclip_geo.index import IndexHeader, TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model
 from rsmclip_geo.pipeline import CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, embed_scene
 from rsmclip_geo.raster import Scene, open_scene
-from rsmclip_geo.search import Hit, clean_queries, score_tiles, search_index, similar
+from rsmclip_geo.search import QUERY_CACHE_FILE, Hit, QueryCache, clean_queries, score_tiles, search_index, similar
 from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Cancelled", "EmbeddedBatch", "Hit", "Scene", "TileIndex", "TileWindow", "TilingParams",
-    "cached_scene_index", "default_cache_dir", "embed_scene", "hits_to_geojson", "index_scenes", "open_scene",
+    "Cancelled", "EmbeddedBatch", "Hit", "IndexHeader", "QueryCache", "Scene", "TileIndex", "TileWindow",
+    "TilingParams", "build_ann", "cached_scene_index", "default_cache_dir", "embed_scene", "hits_to_geojson",
+    "index_scenes", "open_scene",
     "score_tiles", "search_index", "similar", "tile_search", "tile_windows", "write_heatmap", "write_hits",
 ]
 
@@ -98,6 +100,9 @@ def tile_search(
     index = cached_scene_index(scene, model=model, tiling=tiling, bands=bands, cache_dir=cache_dir,
                                use_cache=use_cache, batch_size=batch_size, progress=progress, cancel=cancel,
                                threads=threads)
+    query_cache = None
+    if use_cache:
+        query_cache = QueryCache(Path(cache_dir).expanduser() / QUERY_CACHE_FILE if cache_dir else None)
     hits = search_index(index, queries, model=model, top_k=top_k, threshold=threshold, aoi=aoi,
-                        nms_overlap=nms_overlap, lang=lang)
+                        nms_overlap=nms_overlap, lang=lang, query_cache=query_cache)
     return hits, index

@@ -27,7 +27,7 @@ from rasterio.warp import transform as transform_coords
 from rsmclip_geo.errors import RsmclipError, TileIndexError
 from rsmclip_geo.pipeline import CancelCallback, EmbeddedBatch, ProgressCallback, embed_scene
 from rsmclip_geo.raster import Scene, open_scene, window_ring, window_rings
-from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
+from rsmclip_geo.tiling import TilingParams, tile_windows
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _is_index_part(path: Path) -> bool:
     return path.name.startswith("part-") and path.suffix == ".parquet"
 
 
-class ShardWriter:
+class _ShardWriter:
     """Resume shards of one job in `<output>.partial/`: manifest + one GeoParquet file per flush."""
 
     def __init__(self, partial: Path, manifest: dict):
@@ -219,60 +219,6 @@ class ShardWriter:
         self._buffer, self._rows = [], 0
 
 
-@dataclass
-class IndexJob:
-    """A validated indexing job: output checked, scenes opened, model loaded, every scene's tiles planned."""
-
-    output: Path
-    model: object
-    params: TilingParams
-    plans: list[tuple[Scene, list[TileWindow]]]
-    metadata: dict
-
-    @property
-    def partial(self) -> Path:
-        """The resume-shard directory next to the output."""
-        return self.output.with_name(self.output.name + ".partial")
-
-    @property
-    def schema(self) -> pa.Schema:
-        return index_schema(self.metadata["embed_dim"], self.metadata)
-
-    @property
-    def total_windows(self) -> int:
-        return sum(len(windows) for _, windows in self.plans)
-
-
-def plan_index(
-    scenes: Sequence[str | os.PathLike | Scene],
-    output: str | os.PathLike,
-    *,
-    model=None,
-    tiling: TilingParams = TilingParams(),
-    bands: tuple[int, int, int] | None = None,
-    threads: int | None = None,
-) -> IndexJob:
-    """Every check and the tile plan of an index job, done before any tile is read (RsmclipError on bad input)."""
-    output = Path(output)
-    _check_output(output)
-    if not scenes:
-        raise RsmclipError("no scenes given: pass one or more raster files")
-    opened = list({scene.fingerprint: scene for scene in (
-        s if isinstance(s, Scene) else open_scene(s, bands=bands) for s in scenes)}.values())
-    model = resolve_model(model, threads)
-    info = model.bundle.info
-    params = tiling.resolved(getattr(info, "default_tile_size", None))
-    plans = [(scene, tile_windows(scene, params)) for scene in opened]
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "bundle": {"name": info.name, "fingerprint": model.bundle.fingerprint},
-        "embed_dim": int(info.embed_dim),
-        "tiling": params.to_json(),
-        "scenes": {scene.fingerprint: scene_record(scene) for scene in opened},
-    }
-    return IndexJob(output, model, params, plans, metadata)
-
-
 def index_scenes(
     scenes: Sequence[str | os.PathLike | Scene],
     output: str | os.PathLike,
@@ -291,14 +237,31 @@ def index_scenes(
     the index is assembled atomically at the end. An `output` ending in .parquet is one file,
     anything else a directory of GeoParquet shards.
     """
-    job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, threads=threads)
-    writer = ShardWriter(job.partial, job.metadata)
+    output = Path(output)
+    _check_output(output)
+    if not scenes:
+        raise RsmclipError("no scenes given: pass one or more raster files")
+    opened = list({scene.fingerprint: scene for scene in (
+        s if isinstance(s, Scene) else open_scene(s, bands=bands) for s in scenes)}.values())
+    model = resolve_model(model, threads)
+    info = model.bundle.info
+    params = tiling.resolved(getattr(info, "default_tile_size", None))
+    plans = [(scene, tile_windows(scene, params)) for scene in opened]
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "bundle": {"name": info.name, "fingerprint": model.bundle.fingerprint},
+        "embed_dim": int(info.embed_dim),
+        "tiling": params.to_json(),
+        "scenes": {scene.fingerprint: scene_record(scene) for scene in opened},
+    }
+    partial = output.with_name(output.name + ".partial")
+    writer = _ShardWriter(partial, metadata)
     done_ids = writer.open()
-    schema = job.schema
-    grand_total = job.total_windows
+    schema = index_schema(int(info.embed_dim), metadata)
+    grand_total = sum(len(windows) for _, windows in plans)
     offset = 0
     try:
-        for scene, windows in job.plans:
+        for scene, windows in plans:
             skip = done_ids.get(scene.fingerprint, set())
             already = sum(1 for w in windows if w.tile_id(scene.fingerprint) in skip)
             base = offset + already
@@ -307,14 +270,14 @@ def index_scenes(
                 if progress:
                     progress(base + done, grand_total)
 
-            for batch in embed_scene(scene, job.model, job.params, batch_size=batch_size, threads=threads,
+            for batch in embed_scene(scene, model, params, batch_size=batch_size, threads=threads,
                                      skip=skip, progress=scene_progress, cancel=cancel):
                 writer.add(batch_table(batch, schema))
             offset += len(windows)
     finally:
         writer.flush()
-    assemble(job.partial, job.output, job.metadata)
-    return job.output
+    assemble(partial, output, metadata)
+    return output
 
 
 def resolve_model(model, threads: int | None = None):
@@ -353,51 +316,39 @@ def _write_shard_directory(table: pa.Table, output: Path, metadata: dict) -> Non
         for i, start in enumerate(range(0, table.num_rows, SHARD_TILES)):
             part = _with_metadata(table.slice(start, SHARD_TILES), metadata)
             pq.write_table(part, tmp / f"part-{i:05d}.parquet", compression="zstd")
-        old = None
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        replace_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-@dataclass
-class TileIndex:
-    """A tile index opened for search: its metadata, tile columns and embeddings."""
+def replace_directory(tmp: Path, output: Path) -> None:
+    """Move a finished directory `tmp` to `output`, replacing what is there (by renames only)."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def index_files(path: str | os.PathLike) -> list[Path]:
+    """The GeoParquet files of a tile index (a .parquet file or a shard directory), in row order."""
+    path = Path(path)
+    if not path.exists():
+        raise TileIndexError(f"{path}: no such tile index; build one with `rsmclip-geo index`")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise TileIndexError(f"{path}: directory holds no .parquet files; give a tile index")
+    return files
+
+
+class IndexMetadata:
+    """Bundle and scene accessors shared by the header of an index and the index opened in memory."""
 
     path: Path
     metadata: dict
-    table: pa.Table
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> TileIndex:
-        """Open a .parquet index file or a directory of index shards; TileIndexError if unusable."""
-        path = Path(path)
-        if not path.exists():
-            raise TileIndexError(f"{path}: no such tile index; build one with `rsmclip-geo index`")
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-        if not files:
-            raise TileIndexError(f"{path}: directory holds no .parquet files; give a tile index")
-        try:
-            first = pq.read_schema(files[0])
-            raw = (first.metadata or {}).get(METADATA_KEY)
-            if raw is None:
-                raise TileIndexError(f"{path}: not an rsmclip-geo tile index (no rsmclip_geo metadata)")
-            metadata = json.loads(raw)
-            table = pa.concat_tables([pq.read_table(f, schema=first) for f in files])
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise TileIndexError(f"{path}: cannot be read as a tile index ({exc}); rebuild it") from None
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise TileIndexError(
-                f"{path}: index format {metadata.get('format_version')} is not {FORMAT_VERSION}; rebuild it")
-        return cls(path, metadata, table)
-
-    def __len__(self) -> int:
-        return self.table.num_rows
 
     @property
     def bundle_name(self) -> str:
@@ -414,6 +365,115 @@ class TileIndex:
     @property
     def scenes(self) -> dict[str, dict]:
         return self.metadata["scenes"]
+
+    def check_model(self, model) -> None:
+        """TileIndexError when the model is not the bundle this index was built with."""
+        if model.bundle.fingerprint != self.bundle_fingerprint:
+            raise TileIndexError(
+                f"{self.path}: index was built with model {self.bundle_name!r} "
+                f"(bundle {self.bundle_fingerprint[:12]}), not {model.bundle.info.name!r} "
+                f"({model.bundle.fingerprint[:12]}); search it with that model or rebuild the index")
+
+    def load_model(self, model=None, threads: int | None = None):
+        """The index's model: `model` if given (checked), else its bundle by name (checked)."""
+        if model is None:
+            from rsmclip_geo.encoders import load_model
+
+            try:
+                model = load_model(self.bundle_name, threads=threads)
+            except RsmclipError:
+                raise TileIndexError(
+                    f"{self.path}: built with model {self.bundle_name!r}, which is not installed; "
+                    "pass its bundle directory with --model") from None
+        else:
+            model = resolve_model(model, threads)
+        self.check_model(model)
+        return model
+
+
+@dataclass
+class IndexHeader(IndexMetadata):
+    """A tile index's files, metadata and per-file row counts, read from Parquet footers only."""
+
+    path: Path
+    metadata: dict
+    files: list[Path]
+    file_rows: np.ndarray  # int64 [n_files]
+    schema: pa.Schema
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> IndexHeader:
+        """Footers of a .parquet index file or shard directory; TileIndexError if it is no usable index."""
+        path = Path(path)
+        files = index_files(path)
+        try:
+            schema = pq.read_schema(files[0])
+            raw = (schema.metadata or {}).get(METADATA_KEY)
+            if raw is None:
+                raise TileIndexError(f"{path}: not an rsmclip-geo tile index (no rsmclip_geo metadata)")
+            metadata = json.loads(raw)
+            rows = np.array([pq.ParquetFile(f).metadata.num_rows for f in files], dtype=np.int64)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise TileIndexError(f"{path}: cannot be read as a tile index ({exc}); rebuild it") from None
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise TileIndexError(
+                f"{path}: index format {metadata.get('format_version')} is not {FORMAT_VERSION}; rebuild it")
+        return cls(path, metadata, files, rows, schema)
+
+    def __len__(self) -> int:
+        return int(self.file_rows.sum())
+
+    def read_rows(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """Some columns of some rows (global row numbers, any order), reading only the row groups holding them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(self.file_rows)])
+        file_of = np.searchsorted(starts, rows, side="right") - 1
+        pieces, positions = [], []
+        for f in np.unique(file_of):
+            wanted = rows[file_of == f] - starts[f]
+            parquet = pq.ParquetFile(self.files[f])
+            group_starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows
+                                            for g in range(parquet.metadata.num_row_groups)])
+            group_of = np.searchsorted(group_starts, wanted, side="right") - 1
+            for g in np.unique(group_of):
+                table = parquet.read_row_group(int(g), columns=list(columns))
+                pieces.append(table.take(pa.array(wanted[group_of == g] - group_starts[g])))
+            positions.append(np.flatnonzero(file_of == f))
+        if not pieces:
+            return self.schema.empty_table().select(list(columns))
+        table = pa.concat_tables(pieces)
+        order = np.empty(len(rows), dtype=np.int64)
+        order[np.concatenate(positions)] = np.arange(len(rows))
+        return table.take(pa.array(order))
+
+    def iter_embeddings(self, batch_rows: int = 65536):
+        """float16 [n, D] embedding batches in row order, reading only the embedding column."""
+        for f in self.files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"]):
+                values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+                yield values.reshape(batch.num_rows, -1)
+
+
+@dataclass
+class TileIndex(IndexMetadata):
+    """A tile index opened for search: its metadata, tile columns and embeddings."""
+
+    path: Path
+    metadata: dict
+    table: pa.Table
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TileIndex:
+        """Open a .parquet index file or a directory of index shards; TileIndexError if unusable."""
+        header = IndexHeader.read(path)
+        try:
+            table = pa.concat_tables([pq.read_table(f, schema=header.schema) for f in header.files])
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise TileIndexError(f"{header.path}: cannot be read as a tile index ({exc}); rebuild it") from None
+        return cls(header.path, header.metadata, table)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
 
     def column(self, name: str) -> np.ndarray:
         """One tile column as a numpy array."""
@@ -443,27 +503,3 @@ class TileIndex:
         record = self.scenes[self.table.column("scene_fingerprint")[row].as_py()]
         col, r, w, h = (self.table.column(c)[row].as_py() for c in ("win_col", "win_row", "win_width", "win_height"))
         return window_ring(Affine(*record["transform"][:6]), col, r, w, h)
-
-    def check_model(self, model) -> None:
-        """TileIndexError when the model is not the bundle this index was built with."""
-        if model.bundle.fingerprint != self.bundle_fingerprint:
-            raise TileIndexError(
-                f"{self.path}: index was built with model {self.bundle_name!r} "
-                f"(bundle {self.bundle_fingerprint[:12]}), not {model.bundle.info.name!r} "
-                f"({model.bundle.fingerprint[:12]}); search it with that model or rebuild the index")
-
-    def load_model(self, model=None, threads: int | None = None):
-        """The index's model: `model` if given (checked), else its bundle by name (checked)."""
-        if model is None:
-            from rsmclip_geo.encoders import load_model
-
-            try:
-                model = load_model(self.bundle_name, threads=threads)
-            except RsmclipError:
-                raise TileIndexError(
-                    f"{self.path}: built with model {self.bundle_name!r}, which is not installed; "
-                    "pass its bundle directory with --model") from None
-        else:
-            model = resolve_model(model, threads)
-        self.check_model(model)
-        return model

@@ -31,6 +31,11 @@ SAMPLE_SIZE = 1024
 STRETCH_PERCENTILES = (2.0, 98.0)
 #: Scenes larger than this on a side should be internally tiled for fast windowed reads.
 UNTILED_WARN_SIZE = 4096
+#: GDAL block cache cap in MB, applied unless GDAL_CACHEMAX is set. GDAL's own default, 5 % of RAM,
+#: lets the decoded blocks of a big scene (or VRT mosaic) grow the process by gigabytes; tiles are
+#: read once, so a small cache costs no speed. Takes effect when set before GDAL's first read.
+GDAL_CACHE_MB = 256
+os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
 _FINGERPRINT_CHUNK = 64 * 1024
 _FINGERPRINT_SAMPLES = 16
 

@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import shapely
 
 from rsmclip_geo.errors import QueryError, RsmclipError
-from rsmclip_geo.index import TileIndex
+from rsmclip_geo.index import IndexHeader, TileIndex, default_cache_dir
 
 log = logging.getLogger(__name__)
 
 #: Rows scored per matrix product (bounds the float32 copy of the float16 embeddings).
 SCORE_CHUNK = 65536
+#: `search` uses the index's ANN index (rsmclip_geo.ann) above this many tiles, exact search up to it.
+ANN_MIN_ROWS = 100_000
+#: ANN candidates fetched per wanted hit (NMS, thresholds and AOI drop some); doubled until enough.
+ANN_CANDIDATES_PER_HIT = 8
+#: File of the query-embedding cache, under the cache directory ($RSMCLIP_GEO_CACHE).
+QUERY_CACHE_FILE = "query-embeddings.sqlite"
 
 #: Prompt templates per language ({} = the query); the query embedding is their mean with the bare query.
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -106,18 +114,86 @@ def warn_unknown_queries(model, queries: Sequence[str]) -> None:
                         query[:60], model.bundle.info.name)
 
 
-def query_vectors(model, queries: Sequence[str], lang: str | None = None) -> np.ndarray:
+class QueryCache:
+    """On-disk text embeddings keyed by bundle fingerprint, prompt language and exact query string.
+
+    A SQLite file under the cache directory, so a repeated query does not run the text tower again.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_cache_dir() / QUERY_CACHE_FILE
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, timeout=10)
+                self._db.execute("CREATE TABLE IF NOT EXISTS query (bundle TEXT, lang TEXT, text TEXT, "
+                                 "vector BLOB, PRIMARY KEY (bundle, lang, text))")
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("query cache %s unusable (%s); queries are not cached", self.path, exc)
+                self._db = None
+        return self._db
+
+    def get(self, bundle: str, lang: str | None, queries: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached float32 vectors of those queries that are cached."""
+        db = self._connect()
+        if db is None:
+            return {}
+        found = {}
+        try:
+            for text in set(queries):
+                row = db.execute("SELECT vector FROM query WHERE bundle=? AND lang=? AND text=?",
+                                 (bundle, lang or "", text)).fetchone()
+                if row is not None:
+                    found[text] = np.frombuffer(row[0], dtype=np.float32).copy()
+        except sqlite3.Error as exc:
+            log.warning("query cache %s unreadable (%s); encoding the queries", self.path, exc)
+            return {}
+        return found
+
+    def put(self, bundle: str, lang: str | None, vectors: dict[str, np.ndarray]) -> None:
+        db = self._connect()
+        if db is None or not vectors:
+            return
+        try:
+            with db:
+                db.executemany("INSERT OR REPLACE INTO query VALUES (?, ?, ?, ?)",
+                               [(bundle, lang or "", text, np.asarray(v, np.float32).tobytes())
+                                for text, v in vectors.items()])
+        except sqlite3.Error as exc:
+            log.warning("query cache %s not writable (%s); queries are not cached", self.path, exc)
+
+
+def _encode_queries(model, queries: Sequence[str], lang: str | None) -> np.ndarray:
     """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates."""
-    warn_long_queries(model, queries)
-    warn_unknown_queries(model, queries)
     if lang is None:
         return model.encode_texts(list(queries))
-    if lang not in TEMPLATES:
-        raise QueryError(f"--lang {lang}: no prompt templates; choose one of {', '.join(TEMPLATES)}")
     variants = [[q] + [t.format(q) for t in TEMPLATES[lang]] for q in queries]
     flat = model.encode_texts([v for group in variants for v in group])
     vectors = flat.reshape(len(queries), len(variants[0]), -1).mean(axis=1)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def query_vectors(model, queries: Sequence[str], lang: str | None = None,
+                  cache: QueryCache | None = None) -> np.ndarray:
+    """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates;
+    with a cache, only the queries it lacks run the text tower."""
+    warn_long_queries(model, queries)
+    warn_unknown_queries(model, queries)
+    if lang is not None and lang not in TEMPLATES:
+        raise QueryError(f"--lang {lang}: no prompt templates; choose one of {', '.join(TEMPLATES)}")
+    if cache is None:
+        return _encode_queries(model, queries, lang)
+    bundle = model.bundle.fingerprint
+    known = cache.get(bundle, lang, queries)
+    missing = list(dict.fromkeys(q for q in queries if q not in known))
+    if missing:
+        fresh = dict(zip(missing, _encode_queries(model, missing, lang)))
+        cache.put(bundle, lang, fresh)
+        known.update(fresh)
+    return np.stack([known[q] for q in queries]).astype(np.float32)
 
 
 def score_tiles(index: TileIndex, vectors: np.ndarray) -> np.ndarray:
@@ -173,6 +249,37 @@ def window_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ix * iy) / smaller
 
 
+#: Tile columns a hit is built from.
+HIT_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "scale", "win_col", "win_row", "win_width", "win_height",
+               "geometry"]
+
+
+def nms_select(windows: np.ndarray, scenes: np.ndarray, top_k: int, nms_overlap: float) -> list[int]:
+    """Greedy NMS within each scene over candidates already sorted best first: positions of ≤ top_k kept."""
+    kept: list[int] = []
+    for i in range(len(windows)):
+        if len(kept) == top_k:
+            break
+        same = [k for k in kept if scenes[k] == scenes[i]]
+        if same and (window_overlap(windows[i], windows[same]) > nms_overlap).any():
+            continue
+        kept.append(i)
+    return kept
+
+
+def hits_from_table(table, scores: Sequence[float], query: str) -> list[Hit]:
+    """Hits from the HIT_COLUMNS of the kept rows (best first) and their scores."""
+    columns = {name: table.column(name).to_pylist() for name in HIT_COLUMNS if name != "geometry"}
+    geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    return [
+        Hit(rank=i + 1, score=float(score), query=query, scene=columns["scene"][i],
+            scene_fingerprint=columns["scene_fingerprint"][i], tile_id=columns["tile_id"][i],
+            scale=int(columns["scale"][i]), win_col=int(columns["win_col"][i]), win_row=int(columns["win_row"][i]),
+            win_width=int(columns["win_width"][i]), win_height=int(columns["win_height"][i]), geometry=geometries[i])
+        for i, score in enumerate(scores)
+    ]
+
+
 def rank_hits(
     index: TileIndex,
     scores: np.ndarray,
@@ -190,27 +297,38 @@ def rank_hits(
     order = np.flatnonzero(candidates)
     order = order[np.argsort(-scores[order], kind="stable")]
     windows = np.column_stack([index.column(c) for c in ("win_col", "win_row", "win_width", "win_height")])
-    scenes = index.column("scene_fingerprint")
-    kept: list[int] = []
-    for row in order:
-        if len(kept) == top_k:
+    kept = order[nms_select(windows[order], index.column("scene_fingerprint")[order], top_k, nms_overlap)]
+    table = index.table.select(HIT_COLUMNS).take(pa.array(kept, pa.int64()))
+    return hits_from_table(table, scores[kept], query)
+
+
+def ann_rank_hits(
+    header: IndexHeader,
+    ann,
+    vector: np.ndarray,
+    query: str,
+    *,
+    top_k: int,
+    threshold: float | None,
+    allowed: np.ndarray | None,
+    nms_overlap: float,
+) -> list[Hit]:
+    """rank_hits over ANN candidates: fetch more candidates until NMS and filters leave top_k hits
+    (or the index has no more); only the hits' rows are read from the tile index."""
+    k = min(len(ann), max(64, ANN_CANDIDATES_PER_HIT * top_k))
+    while True:
+        scores, rows = (a[0] for a in ann.search(vector[None], k, allowed))
+        found = rows >= 0
+        if threshold is not None:
+            found &= scores >= threshold
+        scores, rows = scores[found], rows[found]
+        kept = nms_select(ann.windows[rows], ann.scenes[rows], top_k, nms_overlap)
+        exhausted = found.sum() < k or k >= len(ann)  # threshold reached, or no more candidates
+        if len(kept) == top_k or exhausted:
             break
-        same = [k for k in kept if scenes[k] == scenes[row]]
-        if same and (window_overlap(windows[row], windows[same]) > nms_overlap).any():
-            continue
-        kept.append(int(row))
-    geometries = index.geometries(kept)
-    table = index.table
-    return [
-        Hit(
-            rank=rank, score=float(scores[row]), query=query,
-            scene=table.column("scene")[row].as_py(), scene_fingerprint=str(scenes[row]),
-            tile_id=table.column("tile_id")[row].as_py(), scale=int(table.column("scale")[row].as_py()),
-            win_col=int(windows[row, 0]), win_row=int(windows[row, 1]),
-            win_width=int(windows[row, 2]), win_height=int(windows[row, 3]), geometry=geometries[rank - 1],
-        )
-        for rank, row in enumerate(kept, start=1)
-    ]
+        k = min(len(ann), 2 * k)
+    table = header.read_rows(rows[kept], HIT_COLUMNS)
+    return hits_from_table(table, scores[kept], query)
 
 
 def _check_search_params(top_k: int, nms_overlap: float, threshold: float | None) -> None:
@@ -227,6 +345,23 @@ def _aoi_mask(index: TileIndex, aoi) -> np.ndarray | None:
     return None if geometry is None else shapely.intersects(index.geometries(), geometry)
 
 
+def open_ann(header: IndexHeader, exact: bool, ann_min_rows: int):
+    """The ANN index to search `header` with, or None for exact search (see ANN_MIN_ROWS)."""
+    if exact or len(header) <= ann_min_rows:
+        return None
+    from rsmclip_geo.ann import AnnIndex, ann_path, faiss_available
+
+    if not faiss_available():
+        log.warning("%s: %d tiles but faiss is not installed; exact search (pip install 'rsmclip-geo[ann]')",
+                    header.path, len(header))
+        return None
+    if not ann_path(header.path).is_dir():
+        log.warning("%s: %d tiles and no ANN index; exact search (build one with `rsmclip-geo ann-index %s`)",
+                    header.path, len(header), header.path)
+        return None
+    return AnnIndex.open(header)
+
+
 def search_index(
     index: TileIndex | str | os.PathLike,
     queries: str | Sequence[str],
@@ -238,17 +373,38 @@ def search_index(
     nms_overlap: float = 0.5,
     lang: str | None = None,
     threads: int | None = None,
+    exact: bool = False,
+    ann_min_rows: int = ANN_MIN_ROWS,
+    query_cache: QueryCache | None = None,
 ) -> list[Hit]:
-    """Ranked hits (1..top_k per query) of text queries in any language over a tile index."""
-    index = index if isinstance(index, TileIndex) else TileIndex.open(index)
+    """Ranked hits (1..top_k per query) of text queries in any language over a tile index.
+
+    An index given by path with more than `ann_min_rows` tiles is searched through its ANN index
+    (rsmclip_geo.ann) without loading it; `exact` forces exact search over all tiles. Query
+    embeddings come from `query_cache` when given.
+    """
     queries = clean_queries(queries)
     _check_search_params(top_k, nms_overlap, threshold)
-    model = index.load_model(model, threads=threads)
-    allowed = _aoi_mask(index, aoi)
-    scores = score_tiles(index, query_vectors(model, queries, lang))
+    header = None if isinstance(index, TileIndex) else IndexHeader.read(index)
+    ann = None if header is None else open_ann(header, exact, ann_min_rows)
+    if ann is None and header is not None:
+        index = TileIndex.open(header.path)
+    searched = header if ann is not None else index
+    model = searched.load_model(model, threads=threads)
+    vectors = query_vectors(model, queries, lang, cache=query_cache)
+    geometry = parse_aoi(aoi)
+    options = dict(top_k=top_k, threshold=threshold, nms_overlap=nms_overlap)
     hits: list[Hit] = []
-    for query, row in zip(queries, scores):
-        hits += rank_hits(index, row, query, top_k=top_k, threshold=threshold, allowed=allowed, nms_overlap=nms_overlap)
+    if ann is not None:
+        log.info("%s: searching %d tiles with its %s ANN index", header.path, len(header), ann.kind)
+        allowed = None if geometry is None else ann.aoi_mask(geometry)
+        for query, vector in zip(queries, vectors):
+            hits += ann_rank_hits(header, ann, vector, query, allowed=allowed, **options)
+        return hits
+    log.info("%s: exact search over %d tiles", index.path, len(index))
+    allowed = _aoi_mask(index, geometry)
+    for query, row in zip(queries, score_tiles(index, vectors)):
+        hits += rank_hits(index, row, query, allowed=allowed, **options)
     return hits
 
 

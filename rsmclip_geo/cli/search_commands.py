@@ -1,4 +1,4 @@
-"""`rsmclip-geo index | tile-search | search | similar`: thin shells over rsmclip_geo.api."""
+"""`rsmclip-geo index | tile-search | search | similar | ann-index`: thin shells over rsmclip_geo.api."""
 
 from __future__ import annotations
 
@@ -179,16 +179,26 @@ def cmd_tile_search(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import TileIndex, search_index
+    from rsmclip_geo.api import IndexHeader, QueryCache, TileIndex, search_index
 
     queries = read_queries(args)
     check_outputs(args)
-    index = TileIndex.open(args.index)
+    # A heatmap needs every tile's score: load the whole index. Otherwise search_index picks
+    # exact or ANN search by size and reads only what it needs.
+    index = TileIndex.open(args.index) if args.heatmap else IndexHeader.read(args.index)
     model = index.load_model(args.model, threads=args.threads)
-    hits = search_index(index, queries, model=model, top_k=args.top_k, threshold=args.threshold, aoi=args.aoi,
-                        nms_overlap=args.nms, lang=args.lang)
+    hits = search_index(index if args.heatmap else args.index, queries, model=model, top_k=args.top_k,
+                        threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, lang=args.lang,
+                        exact=args.exact, query_cache=QueryCache())
     print_hits(hits)
     write_outputs(args, hits, index, queries, model)
+    return 0
+
+
+def cmd_ann_index(args: argparse.Namespace) -> int:
+    from rsmclip_geo.api import build_ann
+
+    print(build_ann(args.index, kind=args.kind, threads=args.threads))
     return 0
 
 
@@ -207,7 +217,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the index, tile-search, search and similar commands."""
+    """Add the index, tile-search, search, similar and ann-index commands."""
     p = subparsers.add_parser("index", help="build a GeoParquet tile index over one or more scenes",
                               description="Tile scenes, embed every tile and write one GeoParquet tile index. "
                                           "An interrupted run resumes when started again.")
@@ -235,9 +245,22 @@ def register(subparsers) -> None:
     p.add_argument("index", metavar="INDEX", help="tile index (.parquet file or shard directory)")
     p.add_argument("query", nargs="*", metavar="QUERY", help='what to look for, e.g. "campo de golf"')
     p.add_argument("-o", "--output", help="hits file: .geojson, .gpkg or .parquet")
+    p.add_argument("--exact", action="store_true",
+                   help="score every tile even when the index is large enough for its ANN index")
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=cmd_search)
+
+    p = subparsers.add_parser("ann-index", help="build the ANN index that `search` uses on large tile indexes",
+                              description="Build an approximate nearest-neighbour index (FAISS; needs "
+                                          "rsmclip-geo[ann]) next to a tile index, in INDEX.ann/. `search` uses "
+                                          "it when the index has more than 100,000 tiles; rebuild it after the "
+                                          "tile index changes.")
+    p.add_argument("index", metavar="INDEX", help="tile index (.parquet file or shard directory)")
+    p.add_argument("--kind", choices=("hnsw", "ivf"),
+                   help="index type (default: HNSW up to 500,000 tiles, IVF above)")
+    p.add_argument("--threads", type=int, help="FAISS threads (default: CPU cores)")
+    p.set_defaults(func=cmd_ann_index)
 
     p = subparsers.add_parser("similar", help="search a tile index by example (a tile or an image)",
                               description="Rank the tiles of an index by similarity to one tile or image chip.")

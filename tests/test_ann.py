@@ -1,0 +1,173 @@
+"""ANN index: recall against exact search, same hits through `search`, stale detection, the size
+threshold, the CLI, and the query-embedding cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from rsmclip_geo.ann import AnnIndex, ann_path, build_ann, choose_kind
+from rsmclip_geo.cli import main
+from rsmclip_geo.encoders import load_model
+from rsmclip_geo.errors import TileIndexError
+from rsmclip_geo.index import IndexHeader, TileIndex, index_scenes
+from rsmclip_geo.search import QueryCache, query_vectors, search_index
+from rsmclip_geo.tiling import TilingParams
+
+pytest.importorskip("faiss")
+
+QUERIES = ["airport", "aeroporto", "campo de golf", "储油罐", "forest", "Fluss", "пляж", "farmland"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load_model(tiny_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def shard_index(shared_data, model, tmp_path_factory):
+    """A shard-directory index of a few thousand real tiles (two real GeoTIFFs, dense overlap, two scales)."""
+    scenes = [shared_data / "geotiff" / n for n in ("pix4d_farm_rgba_35cm.tif", "colorado_rgb_15cm.tif")]
+    output = tmp_path_factory.mktemp("ann") / "tiles"
+    params = TilingParams(tile_size=64, overlap=0.75, scales=(1, 2))
+    return index_scenes(scenes, output, model=model, tiling=params, batch_size=64, threads=2)
+
+
+@pytest.fixture(scope="module")
+def exact(shard_index):
+    return TileIndex.open(shard_index)
+
+
+def exact_top(embeddings: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    scores = vectors @ embeddings.astype(np.float32).T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_recall_at_10_against_exact(kind, shard_index, exact, model):
+    assert len(exact) > 2000
+    build_ann(shard_index, kind=kind)
+    ann = AnnIndex.open(IndexHeader.read(shard_index))
+    assert ann.kind == kind
+    embeddings = exact.embeddings()
+    rng = np.random.default_rng(0)
+    tile_queries = embeddings[rng.choice(len(embeddings), 40, replace=False)].astype(np.float32)
+    vectors = np.concatenate([model.encode_texts(QUERIES), tile_queries])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    truth = exact_top(embeddings, vectors, 10)
+    _, found = ann.search(vectors, 10)
+    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
+    assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("subset_rows", [0, 65536], ids=["aoi-filtered-graph", "aoi-exact-subset"])
+def test_search_gives_the_exact_hits(subset_rows, shard_index, model, monkeypatch):
+    monkeypatch.setattr("rsmclip_geo.ann.EXACT_SUBSET_ROWS", subset_rows)
+    build_ann(shard_index, kind="hnsw")
+    for options in ({"threshold": -1.0, "nms_overlap": 1.0}, {"nms_overlap": 0.3},
+                    {"aoi": exact_aoi(shard_index), "nms_overlap": 0.5}):
+        fast = search_index(shard_index, QUERIES[:4], model=model, top_k=10, ann_min_rows=0, **options)
+        slow = search_index(shard_index, QUERIES[:4], model=model, top_k=10, exact=True, **options)
+        assert len(fast) == len(slow) == 40
+        assert [h.tile_id for h in fast] == [h.tile_id for h in slow]
+        np.testing.assert_allclose([h.score for h in fast], [h.score for h in slow], atol=1e-5)
+        assert [h.geometry.equals(g.geometry) for h, g in zip(fast, slow)] == [True] * 40
+
+
+def exact_aoi(shard_index) -> tuple[float, float, float, float]:
+    """The western half of the first scene's tiles, as a lon/lat bbox."""
+    index = TileIndex.open(shard_index)
+    first = index.column("scene_fingerprint") == index.column("scene_fingerprint")[0]
+    minx, miny, maxx, maxy = np.array([g.bounds for g in index.geometries(np.flatnonzero(first))]).T
+    return float(minx.min()), float(miny.min()), float((minx.min() + maxx.max()) / 2), float(maxy.max())
+
+
+def test_size_threshold_switches_exact_and_ann(shard_index, model, caplog):
+    build_ann(shard_index, kind="hnsw")
+    rows = len(IndexHeader.read(shard_index))
+    with caplog.at_level(logging.INFO, logger="rsmclip_geo"):
+        search_index(shard_index, "forest", model=model, ann_min_rows=rows - 1)
+        assert "with its hnsw ANN index" in caplog.text
+        caplog.clear()
+        search_index(shard_index, "forest", model=model, ann_min_rows=rows)
+        assert "exact search over" in caplog.text
+        caplog.clear()
+        search_index(shard_index, "forest", model=model, ann_min_rows=0, exact=True)
+        assert "exact search over" in caplog.text
+
+
+def test_missing_ann_index_falls_back_to_exact_with_a_warning(shard_index, model, tmp_path, caplog):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_index, copy)
+    with caplog.at_level(logging.INFO, logger="rsmclip_geo"):
+        hits = search_index(copy, "forest", model=model, top_k=3, ann_min_rows=0)
+    assert len(hits) == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no ANN index" in warnings[0].getMessage()
+    assert "rsmclip-geo ann-index" in warnings[0].getMessage()
+
+
+def test_stale_ann_index_is_refused_then_rebuilt(shard_index, model, tmp_path):
+    copy = tmp_path / "grown"
+    shutil.copytree(shard_index, copy)
+    build_ann(copy)
+    sidecar = json.loads((ann_path(copy) / "ann.json").read_text())
+    assert sidecar["rows"] == len(IndexHeader.read(copy)) and sidecar["kind"] == choose_kind(sidecar["rows"])
+    assert sidecar["bundle"]["fingerprint"] == model.bundle.fingerprint
+    shutil.copy(copy / "part-00000.parquet", copy / "part-00099.parquet")  # the index grew
+    with pytest.raises(TileIndexError, match=r"stale.*rsmclip-geo ann-index"):
+        search_index(copy, "forest", model=model, ann_min_rows=0)
+    hits = search_index(copy, "forest", model=model, ann_min_rows=0, exact=True, top_k=2)
+    assert len(hits) == 2
+    build_ann(copy)
+    assert len(AnnIndex.open(IndexHeader.read(copy))) == json.loads((ann_path(copy) / "ann.json").read_text())["rows"]
+    assert not [p for p in copy.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_read_rows_matches_the_loaded_index(shard_index, exact):
+    header = IndexHeader.read(shard_index)
+    assert len(header.files) > 1
+    rows = np.array([len(exact) - 1, 0, len(exact) // 2, 7, 2049, 2048])
+    columns = ["tile_id", "win_col", "geometry"]
+    assert header.read_rows(rows, columns).to_pylist() == exact.table.select(columns).take(rows).to_pylist()
+
+
+def test_cli_ann_index_and_exact_search(shard_index, tiny_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RSMCLIP_GEO_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "cli"
+    shutil.copytree(shard_index, copy)
+    assert main(["-q", "ann-index", str(copy), "--kind", "ivf"]) == 0
+    assert str(ann_path(copy)) in capsys.readouterr().out
+    assert json.loads((ann_path(copy) / "ann.json").read_text())["kind"] == "ivf"
+    assert main(["-q", "search", str(copy), "golf", "--exact", "--model", str(tiny_bundle), "--top-k", "2"]) == 0
+    assert (tmp_path / "cache" / "query-embeddings.sqlite").is_file()
+    assert main(["ann-index", str(tmp_path / "none")]) == 2
+    assert "rsmclip-geo: error: " in capsys.readouterr().err
+
+
+def test_query_cache_skips_the_text_tower(model, tmp_path):
+    cache = QueryCache(tmp_path / "q.sqlite")
+    calls = []
+    encode = model.encode_texts
+
+    def counting(texts):
+        calls.append(list(texts))
+        return encode(texts)
+
+    model.encode_texts = counting
+    try:
+        first = query_vectors(model, ["aeroporto", "forest"], cache=cache)
+        again = query_vectors(model, ["forest", "aeroporto", "praia"], cache=QueryCache(tmp_path / "q.sqlite"))
+        templated = query_vectors(model, ["forest"], lang="en", cache=cache)
+    finally:
+        del model.encode_texts
+    assert calls[0] == ["aeroporto", "forest"] and calls[1] == ["praia"]
+    assert len(calls[2]) == 3  # another prompt language is another cache entry
+    np.testing.assert_array_equal(again[0], first[1])
+    np.testing.assert_array_equal(again[1], first[0])
+    np.testing.assert_allclose(again[2], encode(["praia"])[0], atol=1e-6)
+    assert not np.allclose(templated[0], first[1])
