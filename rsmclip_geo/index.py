@@ -27,7 +27,7 @@ from rasterio.warp import transform as transform_coords
 from rsmclip_geo.errors import RsmclipError, TileIndexError
 from rsmclip_geo.pipeline import CancelCallback, EmbeddedBatch, ProgressCallback, embed_scene
 from rsmclip_geo.raster import Scene, open_scene, window_ring, window_rings
-from rsmclip_geo.tiling import TilingParams, tile_windows
+from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _is_index_part(path: Path) -> bool:
     return path.name.startswith("part-") and path.suffix == ".parquet"
 
 
-class _ShardWriter:
+class ShardWriter:
     """Resume shards of one job in `<output>.partial/`: manifest + one GeoParquet file per flush."""
 
     def __init__(self, partial: Path, manifest: dict):
@@ -219,6 +219,60 @@ class _ShardWriter:
         self._buffer, self._rows = [], 0
 
 
+@dataclass
+class IndexJob:
+    """A validated indexing job: output checked, scenes opened, model loaded, every scene's tiles planned."""
+
+    output: Path
+    model: object
+    params: TilingParams
+    plans: list[tuple[Scene, list[TileWindow]]]
+    metadata: dict
+
+    @property
+    def partial(self) -> Path:
+        """The resume-shard directory next to the output."""
+        return self.output.with_name(self.output.name + ".partial")
+
+    @property
+    def schema(self) -> pa.Schema:
+        return index_schema(self.metadata["embed_dim"], self.metadata)
+
+    @property
+    def total_windows(self) -> int:
+        return sum(len(windows) for _, windows in self.plans)
+
+
+def plan_index(
+    scenes: Sequence[str | os.PathLike | Scene],
+    output: str | os.PathLike,
+    *,
+    model=None,
+    tiling: TilingParams = TilingParams(),
+    bands: tuple[int, int, int] | None = None,
+    threads: int | None = None,
+) -> IndexJob:
+    """Every check and the tile plan of an index job, done before any tile is read (RsmclipError on bad input)."""
+    output = Path(output)
+    _check_output(output)
+    if not scenes:
+        raise RsmclipError("no scenes given: pass one or more raster files")
+    opened = list({scene.fingerprint: scene for scene in (
+        s if isinstance(s, Scene) else open_scene(s, bands=bands) for s in scenes)}.values())
+    model = resolve_model(model, threads)
+    info = model.bundle.info
+    params = tiling.resolved(getattr(info, "default_tile_size", None))
+    plans = [(scene, tile_windows(scene, params)) for scene in opened]
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "bundle": {"name": info.name, "fingerprint": model.bundle.fingerprint},
+        "embed_dim": int(info.embed_dim),
+        "tiling": params.to_json(),
+        "scenes": {scene.fingerprint: scene_record(scene) for scene in opened},
+    }
+    return IndexJob(output, model, params, plans, metadata)
+
+
 def index_scenes(
     scenes: Sequence[str | os.PathLike | Scene],
     output: str | os.PathLike,
@@ -237,31 +291,14 @@ def index_scenes(
     the index is assembled atomically at the end. An `output` ending in .parquet is one file,
     anything else a directory of GeoParquet shards.
     """
-    output = Path(output)
-    _check_output(output)
-    if not scenes:
-        raise RsmclipError("no scenes given: pass one or more raster files")
-    opened = list({scene.fingerprint: scene for scene in (
-        s if isinstance(s, Scene) else open_scene(s, bands=bands) for s in scenes)}.values())
-    model = resolve_model(model, threads)
-    info = model.bundle.info
-    params = tiling.resolved(getattr(info, "default_tile_size", None))
-    plans = [(scene, tile_windows(scene, params)) for scene in opened]
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "bundle": {"name": info.name, "fingerprint": model.bundle.fingerprint},
-        "embed_dim": int(info.embed_dim),
-        "tiling": params.to_json(),
-        "scenes": {scene.fingerprint: scene_record(scene) for scene in opened},
-    }
-    partial = output.with_name(output.name + ".partial")
-    writer = _ShardWriter(partial, metadata)
+    job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, threads=threads)
+    writer = ShardWriter(job.partial, job.metadata)
     done_ids = writer.open()
-    schema = index_schema(int(info.embed_dim), metadata)
-    grand_total = sum(len(windows) for _, windows in plans)
+    schema = job.schema
+    grand_total = job.total_windows
     offset = 0
     try:
-        for scene, windows in plans:
+        for scene, windows in job.plans:
             skip = done_ids.get(scene.fingerprint, set())
             already = sum(1 for w in windows if w.tile_id(scene.fingerprint) in skip)
             base = offset + already
@@ -270,14 +307,14 @@ def index_scenes(
                 if progress:
                     progress(base + done, grand_total)
 
-            for batch in embed_scene(scene, model, params, batch_size=batch_size, threads=threads,
+            for batch in embed_scene(scene, job.model, job.params, batch_size=batch_size, threads=threads,
                                      skip=skip, progress=scene_progress, cancel=cancel):
                 writer.add(batch_table(batch, schema))
             offset += len(windows)
     finally:
         writer.flush()
-    assemble(partial, output, metadata)
-    return output
+    assemble(job.partial, job.output, job.metadata)
+    return job.output
 
 
 def resolve_model(model, threads: int | None = None):
