@@ -226,3 +226,26 @@ def test_text_warmup_learns_the_class_captions(tiny_aid, tiny_model):
     with pytest.raises(RsmclipError, match="text_warmup_steps"):
         T.warm_up_text_tower(loaded.model, loaded.tokenizer, items[:1], steps=1, lr=1e-3, batch_size=6, seed=0,
                              device=torch.device("cpu"))
+
+
+def test_text_lock_freezes_the_text_tower_then_releases_it(tiny_aid, tmp_path):
+    trainer = T.Trainer(tiny_config(tiny_aid, optim={"text_lock_steps": 2, "warmup_steps": 0}), tmp_path)
+    clip = trainer.student.clip
+    text = {n: p.detach().clone() for n, p in clip.named_parameters() if not n.startswith("visual.")
+            and n != "logit_scale"}
+    image = {n: p.detach().clone() for n, p in clip.visual.named_parameters()}
+    trainer.sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(trainer.dataset, batch_size=12, sampler=trainer.sampler,
+                                         collate_fn=T.D.collate_views)
+    batches = iter(loader)
+
+    def changed(before: dict, module: torch.nn.Module) -> int:
+        params = dict(module.named_parameters())
+        return sum(int(not torch.equal(params[n], value)) for n, value in before.items())
+
+    for _ in range(2):
+        trainer.optimizer_step([next(batches)])
+    assert changed(text, clip) == 0  # locked: the text tower keeps its warm-up weights
+    assert changed(image, clip.visual) > 0
+    trainer.optimizer_step([next(batches)])
+    assert changed(text, clip) > 0  # released after text_lock_steps

@@ -98,6 +98,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "precision": "auto",  # auto | fp32 | bf16 | fp16
         "text_warmup_steps": 0,  # class folders: text-tower warm-up on class captions before CLIP training
         "text_warmup_lr": 5e-4,
+        "text_lock_steps": 0,  # after the warm-up: text tower frozen (lr 0) for this many steps, image tower learns
     },
     "loss": {
         "clip_views": 2,
@@ -326,21 +327,38 @@ def check_view_size(visual: nn.Module, size: int, image_size: int, device: torch
 
 
 def parameter_groups(student: RsmClipStudent, config: dict) -> list[dict]:
-    """AdamW groups: no weight decay on gains, biases, embeddings' scalars and the logit scale."""
+    """AdamW groups: no weight decay on gains, biases, embeddings' scalars and the logit scale.
+
+    Each group records whether it holds text-tower parameters (``is_text``, for ``optim.text_lock_steps``).
+    """
     ocfg = config["optim"]
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
     for name, param in student.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "norm" in name
         is_head = name.startswith("head.")
-        groups.setdefault((is_head, no_decay), []).append(param)
+        is_text = name.startswith("clip.") and not name.startswith("clip.visual.") and name != "clip.logit_scale"
+        groups.setdefault((is_head, is_text, no_decay), []).append(param)
     head_lr = ocfg["head_lr"] if ocfg["head_lr"] is not None else ocfg["lr"]
     return [
         {"params": params, "lr": head_lr if is_head else ocfg["lr"],
-         "weight_decay": 0.0 if no_decay else ocfg["weight_decay"]}
-        for (is_head, no_decay), params in sorted(groups.items())
+         "weight_decay": 0.0 if no_decay else ocfg["weight_decay"], "is_text": is_text}
+        for (is_head, is_text, no_decay), params in sorted(groups.items())
     ]
+
+
+def lr_factors(groups: Sequence[dict], ocfg: dict, total_steps: int) -> list[Any]:
+    """Per-group LR factor: warm-up + cosine; text groups at 0 for the first ``text_lock_steps``."""
+    lock = int(ocfg["text_lock_steps"])
+
+    def factor(step: int) -> float:
+        return warmup_cosine_factor(step, int(ocfg["warmup_steps"]), total_steps, ocfg["min_lr_factor"])
+
+    def text_factor(step: int) -> float:
+        return 0.0 if step < lock else factor(step)
+
+    return [text_factor if group["is_text"] else factor for group in groups]
 
 
 # --------------------------------------------------------------------------- distributed + io
@@ -501,9 +519,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.student, config), betas=tuple(ocfg["betas"]),
                                            eps=ocfg["eps"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine_factor(step, int(ocfg["warmup_steps"]), self.total_steps, ocfg["min_lr_factor"]),
-        )
+            self.optimizer, lr_factors(self.optimizer.param_groups, ocfg, self.total_steps))
         self.amp_dtype = autocast_dtype(ocfg["precision"], self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step = 0
