@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ MOSAIC = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic.tif"
 CELLS_CSV = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic_cells.csv"
 LANGUAGES = ["en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru"]
 MAX_BUNDLE_BYTES = 50 * 1024 * 1024
+WORD_PUNCTUATION = string.punctuation + "«»“”„…：，、。"
 
 # (query, class of the mosaic cell it must rank first): analysts' words in seven languages
 CLASS_QUERIES = [
@@ -69,21 +71,69 @@ def test_vocabulary_covers_every_aid_class_in_every_language(shared_data: Path) 
     assert sorted(vocab.entries) == D.list_class_folders(shared_data / "aid")
     for class_name in vocab.entries:
         for lang in LANGUAGES:
-            assert len(vocab.prompts(class_name, lang, "train")) >= 14, (class_name, lang)
-            assert len(vocab.prompts(class_name, lang, "heldout")) >= 8, (class_name, lang)
+            train, heldout, unseen = (vocab.prompts(class_name, lang, part) for part in ("train", "heldout", "unseen"))
+            assert len(train) >= 14 and len(heldout) >= 8 and unseen, (class_name, lang)
+            assert vocab.prompts(class_name, lang, "all") == list(dict.fromkeys(train + heldout + unseen))
 
 
-def test_heldout_names_and_templates_never_occur_in_training_captions() -> None:
+def test_unseen_names_take_their_own_templates_or_else_the_heldout_ones(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.yaml"
+    path.write_text("""
+templates:
+  en: {train: ["{}"], heldout: ["top-down picture of {}"], unseen: ["{} from a drone"]}
+  pt: {train: ["{}"], heldout: ["foto de {}"]}
+classes:
+  Airport:
+    en: {train: [airport], heldout: [airfield runway], unseen: [aerodrome]}
+    pt: {train: [aeroporto], unseen: [aeródromo]}
+""", encoding="utf-8")
+    vocab = D.load_vocabulary(path)
+    assert vocab.prompts("Airport", "en", "unseen") == ["aerodrome from a drone"]
+    assert vocab.prompts("Airport", "pt", "unseen") == ["foto de aeródromo"]
+    assert vocab.prompts("Airport", "pt", "heldout") == ["foto de aeroporto"]
+    assert vocab.prompts("Airport", "en", "all") == ["airport", "top-down picture of airfield runway", "aerodrome from a drone"]
+
+
+def caption_words(text: str, lang: str) -> set[str]:
+    """Lower-cased space-separated words without surrounding punctuation; characters for zh."""
+    if lang == "zh":
+        return {ch for ch in text if ch.strip() and ch not in WORD_PUNCTUATION}
+    return {word.strip(WORD_PUNCTUATION) for word in text.lower().split()} - {""}
+
+
+def test_heldout_and_unseen_names_and_templates_never_occur_in_training_captions() -> None:
     vocab = D.load_vocabulary(VOCABULARY)
     raw = yaml.safe_load(VOCABULARY.read_text(encoding="utf-8"))
     train_captions = [p.lower() for c in vocab.entries for lang in LANGUAGES for p in vocab.prompts(c, lang, "train")]
     for class_name, per_lang in raw["classes"].items():
         for lang, parts in per_lang.items():
-            for name in parts["heldout"]:
-                seen = [caption for caption in train_captions if name.lower() in caption]
-                assert not seen, f"held-out {lang} name {name!r} of {class_name} occurs in training caption {seen[0]!r}"
+            assert 2 <= len(parts["heldout"]) <= 3 and not set(parts["heldout"]) & set(parts["unseen"]), (class_name, lang)
+            for part in ("heldout", "unseen"):
+                for name in parts[part]:
+                    seen = [caption for caption in train_captions if name.lower() in caption]
+                    assert not seen, f"{part} {lang} name {name!r} of {class_name} occurs in training caption {seen[0]!r}"
     for lang, parts in raw["templates"].items():
         assert not set(parts["heldout"]) & set(parts["train"]), lang
+
+
+def test_heldout_names_use_only_words_of_the_training_captions_and_none_distinctive_of_another_class() -> None:
+    """A held-out name rephrases a class in words (zh: characters) the model was trained on; a word that
+    only one class's training captions use belongs to that class (no "airport" in a Port phrasing)."""
+    vocab = D.load_vocabulary(VOCABULARY)
+    raw = yaml.safe_load(VOCABULARY.read_text(encoding="utf-8"))
+    for lang in LANGUAGES:
+        classes_using: dict[str, set[str]] = {}
+        for class_name in vocab.entries:
+            for caption in vocab.prompts(class_name, lang, "train"):
+                for word in caption_words(caption, lang):
+                    classes_using.setdefault(word, set()).add(class_name)
+        for class_name, per_lang in raw["classes"].items():
+            for name in per_lang[lang]["heldout"]:
+                for word in caption_words(name, lang):
+                    owners = classes_using.get(word)
+                    assert owners, f"held-out {lang} name {name!r} of {class_name}: {word!r} is in no training caption"
+                    assert class_name in owners or len(owners) > 1, (
+                        f"held-out {lang} name {name!r} of {class_name}: {word!r} belongs to {owners.pop()}")
 
 
 # --------------------------------------------------------------------------- the shipped bundle

@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LANGUAGES: tuple[str, ...] = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 DEFAULT_EN_TEMPLATES = ("an aerial image of {}", "a satellite photo of {}", "{} seen from above")
-PROMPT_PARTS = ("train", "heldout", "all")
+VOCABULARY_PARTS = ("train", "heldout", "unseen")
+PROMPT_PARTS = (*VOCABULARY_PARTS, "all")
 
 
 @dataclass
@@ -113,9 +114,9 @@ def resolve_path(value: str | Path) -> Path:
 
 @dataclass
 class Vocabulary:
-    """Class names and caption templates per class, language and part ("train" / "heldout").
+    """Class names and caption templates per class, language and part ("train" / "heldout" / "unseen").
 
-    ``entries[class][lang][part] = (names, templates)``.
+    ``entries[class][lang][part] = (names, templates)``; the prompt part "all" joins the three.
     """
 
     languages: list[str]
@@ -125,7 +126,7 @@ class Vocabulary:
         """All template x name combinations for a class in one language (empty if none)."""
         if part not in PROMPT_PARTS:
             raise RsmclipError(f"prompt part {part!r} is unknown; use one of {', '.join(PROMPT_PARTS)}")
-        parts = ("train", "heldout") if part == "all" else (part,)
+        parts = VOCABULARY_PARTS if part == "all" else (part,)
         per_lang = self.entries.get(class_name, {}).get(lang, {})
         out: list[str] = []
         for p in parts:
@@ -162,7 +163,7 @@ def load_vocabulary(path: Path) -> Vocabulary:
 
     Templates may be given per class and language (``classes.C.lang.part.templates``) or per
     language at top level (``templates.lang.part``); class-level templates win. A held-out part
-    without names reuses the train names.
+    without names reuses the train names; an unseen part without templates uses the held-out ones.
     """
     path = Path(path)
     try:
@@ -176,27 +177,29 @@ def load_vocabulary(path: Path) -> Vocabulary:
     entries: dict[str, dict[str, dict[str, tuple[list[str], list[str]]]]] = {}
     for class_name, per_lang in raw["classes"].items():
         if not isinstance(per_lang, dict):
-            raise RsmclipError(f"vocabulary {path}: classes.{class_name} must map languages to train/heldout parts")
+            raise RsmclipError(f"vocabulary {path}: classes.{class_name} must map languages to train/heldout/unseen parts")
         entries[str(class_name)] = {}
         for lang, parts in per_lang.items():
             if isinstance(parts, list):  # shorthand: a bare list of train names
                 parts = {"train": {"names": parts}}
             if not isinstance(parts, dict):
-                raise RsmclipError(f"vocabulary {path}: classes.{class_name}.{lang} must have train/heldout parts")
+                raise RsmclipError(f"vocabulary {path}: classes.{class_name}.{lang} must have train/heldout/unseen parts")
             lang_entry: dict[str, tuple[list[str], list[str]]] = {}
             train_names: list[str] = []
-            for part in ("train", "heldout"):
+            for part in VOCABULARY_PARTS:
                 spec = parts.get(part) or {}
                 if isinstance(spec, list):
                     spec = {"names": spec}
                 where = f"classes.{class_name}.{lang}.{part}"
                 names = _as_list(spec.get("names"), f"{where}.names", path)
                 templates = _as_list(spec.get("templates"), f"{where}.templates", path)
+                lang_templates = top_templates.get(lang) or {}
+                template_part = "heldout" if part == "unseen" and not lang_templates.get("unseen") else part
                 if not templates:
-                    templates = _as_list((top_templates.get(lang) or {}).get(part), f"templates.{lang}.{part}", path)
+                    templates = _as_list(lang_templates.get(template_part), f"templates.{lang}.{template_part}", path)
                 if part == "train":
                     train_names = names
-                elif not names:
+                elif part == "heldout" and not names:
                     names = train_names
                 if not templates and names:
                     templates = ["{}"]

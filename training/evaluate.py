@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None,
                         help="caption split (default test) or class-folder split val|train|all (default val)")
     parser.add_argument("--prompts", default="heldout", choices=D.PROMPT_PARTS,
-                        help="vocabulary part for zero-shot prompts (default heldout; train if none)")
+                        help="vocabulary part for zero-shot prompts: heldout (default; train if the vocabulary has "
+                             "none), unseen (synonyms in words no training caption uses), train, or all")
     parser.add_argument("--max-images-per-class", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
