@@ -14,6 +14,7 @@ from rsmclip_geo.ann import build_ann
 from rsmclip_geo.index import IndexHeader, TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model
 from rsmclip_geo.pipeline import CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, embed_scene
 from rsmclip_geo.raster import Scene, open_scene
+from rsmclip_geo.ray_engine import index_scenes_ray
 from rsmclip_geo.search import QUERY_CACHE_FILE, Hit, QueryCache, clean_queries, score_tiles, search_index, similar
 from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Cancelled", "EmbeddedBatch", "Hit", "IndexHeader", "QueryCache", "Scene", "TileIndex", "TileWindow",
     "TilingParams", "build_ann", "cached_scene_index", "default_cache_dir", "embed_scene", "hits_to_geojson",
-    "index_scenes", "open_scene",
+    "index_scenes", "index_scenes_ray", "open_scene",
     "score_tiles", "search_index", "similar", "tile_search", "tile_windows", "write_heatmap", "write_hits",
 ]
 

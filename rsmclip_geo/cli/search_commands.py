@@ -73,6 +73,23 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+#: Values of the Ray-only options when not given.
+RAY_DEFAULTS = dict(address=None, workers=None, cpus_per_worker=1.0, gpus_per_worker=None)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (see docs/scale.md)")
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this process (default); ray: Ray Data actors, output must be a directory")
+    group.add_argument("--address", help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: a local Ray)")
+    group.add_argument("--workers", type=int,
+                       help="encoder actors (default: one per GPU, else one per CPU left after a reader)")
+    group.add_argument("--cpus-per-worker", type=float, default=RAY_DEFAULTS["cpus_per_worker"],
+                       help="CPUs per encoder actor (default 1; also its ONNX Runtime threads unless --threads)")
+    group.add_argument("--gpus-per-worker", type=float,
+                       help="GPUs per encoder actor (default 1 when the cluster has GPUs, else 0)")
+
+
 def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) -> None:
     group = parser.add_argument_group("search")
     group.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
@@ -145,12 +162,20 @@ def write_outputs(args: argparse.Namespace, hits, index, queries: list[str], mod
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import index_scenes
+    from rsmclip_geo.api import index_scenes, index_scenes_ray
 
+    ray_options = dict(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker)
+    if args.engine == "local" and ray_options != RAY_DEFAULTS:
+        raise RsmclipError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --engine ray")
     params = tiling_params(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    output = index_scenes(args.scenes, args.output, model=args.model, tiling=params, bands=bands_option(args),
-                          batch_size=args.batch_size, progress=progress, threads=args.threads)
+    options = dict(model=args.model, tiling=params, bands=bands_option(args), batch_size=args.batch_size,
+                   progress=progress, threads=args.threads)
+    if args.engine == "ray":
+        output = index_scenes_ray(args.scenes, args.output, **ray_options, **options)
+    else:
+        output = index_scenes(args.scenes, args.output, **options)
     progress.finish()
     print(output)
     return 0
@@ -225,6 +250,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="index file (.parquet) or directory of shards")
     add_model_options(p)
     add_tiling_options(p)
+    add_engine_options(p)
     p.set_defaults(func=cmd_index)
 
     p = subparsers.add_parser("tile-search", help="index a scene (cached) and search it",

@@ -1,0 +1,180 @@
+"""`index --engine ray`: a local Ray with 2 encoder actors builds the single-process indexer's index.
+
+Ray starts once for the module (a local instance sized for 2 encoders and a reader); every test
+compares against `index_scenes` on the same real scenes in three UTM zones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from rasters import truncated_copy, write_geotiff
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'rsmclip-geo[ray]' to test --engine ray")
+pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'rsmclip-geo[ray]'")
+
+from rsmclip_geo import ray_engine  # noqa: E402
+from rsmclip_geo.cli import main  # noqa: E402
+from rsmclip_geo.encoders import load_model  # noqa: E402
+from rsmclip_geo.errors import RsmclipError  # noqa: E402
+from rsmclip_geo.index import TileIndex, index_scenes  # noqa: E402
+from rsmclip_geo.pipeline import Cancelled  # noqa: E402
+from rsmclip_geo.search import search_index  # noqa: E402
+from rsmclip_geo.tiling import TilingParams  # noqa: E402
+
+PARAMS = TilingParams(tile_size=64)
+#: EPSG:26913 uint8 RGB, EPSG:32750 RGBA drone ortho with nodata, EPSG:32633 4-band orthophoto.
+SCENES = ("colorado_rgb_15cm.tif", "pix4d_farm_rgba_35cm.tif", "fotomap_4band_2cm.tif")
+WINDOW_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "win_col", "win_row", "win_width", "win_height", "scale"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module, with room for 2 encoder actors and a window reader."""
+    started = ray_engine.connect_ray(None, workers=2, cpus_per_worker=1.0)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenes(shared_data):
+    return [shared_data / "geotiff" / name for name in SCENES]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load_model(tiny_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def built(local_ray, scenes, model, tmp_path_factory):
+    """The single-process index, the Ray index of the same scenes, and the Ray run's progress calls."""
+    root = tmp_path_factory.mktemp("ray_engine")
+    local = index_scenes(scenes, root / "local", model=model, tiling=PARAMS)
+    calls: list[tuple[int, int]] = []
+    ray_dir = ray_engine.index_scenes_ray(scenes, root / "ray", model=model, tiling=PARAMS, workers=2,
+                                          batch_size=16, progress=lambda done, total: calls.append((done, total)))
+    return TileIndex.open(local), TileIndex.open(ray_dir), calls
+
+
+def test_same_tiles_windows_and_geometry(built):
+    local, remote, _ = built
+    assert len(remote) == len(local) > 400
+    assert len(set(remote.column("scene_fingerprint"))) == 3
+    for name in WINDOW_COLUMNS:
+        assert remote.table.column(name).equals(local.table.column(name)), name
+    assert remote.table.column("geometry").equals(local.table.column("geometry"))
+
+
+def test_embeddings_equal_within_fp16_tolerance(built):
+    local, remote, _ = built
+    a, b = local.embeddings().astype(np.float32), remote.embeddings().astype(np.float32)
+    assert a.shape == b.shape and np.abs(a).max() > 0.05
+    assert np.abs(a - b).max() <= 1e-3
+
+
+def test_same_files_schema_and_metadata(built):
+    local, remote, _ = built
+    local_parts, remote_parts = sorted(local.path.iterdir()), sorted(remote.path.iterdir())
+    assert [p.name for p in remote_parts] == [p.name for p in local_parts] == ["part-00000.parquet"]
+    local_schema, remote_schema = pq.read_schema(local_parts[0]), pq.read_schema(remote_parts[0])
+    assert remote_schema.equals(local_schema, check_metadata=True)
+    assert remote.metadata == local.metadata
+    info = json.loads(remote_schema.metadata[b"rsmclip_geo"])
+    assert info["tiling"]["tile_size"] == 64 and len(info["scenes"]) == 3
+    assert not remote.path.with_name(remote.path.name + ".partial").exists()
+
+
+def test_search_returns_the_same_hits(built, model):
+    local, remote, _ = built
+    queries = ["aeroporto", "campo de golf", "储油罐"]
+    expected = search_index(local, queries, model=model, top_k=8, nms_overlap=1.0)
+    hits = search_index(remote, queries, model=model, top_k=8, nms_overlap=1.0)
+    assert [(h.query, h.tile_id) for h in hits] == [(h.query, h.tile_id) for h in expected]
+    assert np.allclose([h.score for h in hits], [h.score for h in expected], atol=1e-3)
+
+
+def test_progress_counts_every_window(built):
+    local, _, calls = built
+    total = calls[-1][1]
+    assert calls[-1] == (total, total) and total >= len(local)  # skipped nodata windows count too
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_cancelled_job_resumes_to_the_same_index(local_ray, scenes, model, built, tmp_path):
+    local, _, _ = built
+    output = tmp_path / "resumed"
+    polls = iter(range(10**6))
+    with pytest.raises(Cancelled, match="rerun to resume"):
+        ray_engine.index_scenes_ray(scenes, output, model=model, tiling=PARAMS, workers=2, batch_size=16,
+                                    cancel=lambda: next(polls) >= 2)
+    partial = tmp_path / "resumed.partial"
+    assert not output.exists() and len(list(partial.glob("shard-*.parquet"))) == 1
+    ray_engine.index_scenes_ray(scenes, output, model=model, tiling=PARAMS, workers=2, batch_size=16)
+    resumed = TileIndex.open(output)
+    assert resumed.table.column("tile_id").equals(local.table.column("tile_id"))
+    assert np.abs(resumed.embeddings().astype(np.float32) - local.embeddings().astype(np.float32)).max() <= 1e-3
+
+
+def test_cli_engine_ray(local_ray, scenes, tiny_bundle, built, tmp_path, capsys):
+    local, _, _ = built
+    output = tmp_path / "cli_index"
+    code = main(["-q", "index", "--engine", "ray", "--workers", "2", "--model", str(tiny_bundle),
+                 "--tile-size", "64", str(scenes[0]), "-o", str(output)])
+    assert code == 0 and capsys.readouterr().out.strip() == str(output)
+    index = TileIndex.open(output)
+    first_scene = local.column("scene") == str(scenes[0].resolve())
+    assert list(index.column("tile_id")) == list(local.column("tile_id")[first_scene])
+
+
+@pytest.fixture
+def no_ray_start(monkeypatch):
+    """Fail the test if the engine tries to start or join Ray."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(ray_engine, "connect_ray", refuse)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not a raster", r"notes\.tif: cannot be opened as a raster"),
+        ("truncated TIFF", r"cut\.tif: .*truncated or corrupt"),
+        ("no CRS", r"plain\.tif: raster has no CRS or geotransform"),
+        ("parquet output", r"--engine ray writes a directory of GeoParquet shards"),
+        ("zero workers", r"--workers 0: give a positive number"),
+        ("ray option without ray", r"--workers .* need --engine ray"),
+    ],
+)
+def test_bad_input_fails_with_one_line_before_ray_starts(case, message, no_ray_start, scenes, tiny_bundle,
+                                                         tmp_path, capsys):
+    notes = tmp_path / "notes.tif"
+    notes.write_text("field notes, not pixels\n")
+    bad = {
+        "not a raster": notes,
+        "truncated TIFF": truncated_copy(scenes[0], tmp_path / "cut.tif", 0.5),
+        "no CRS": write_geotiff(tmp_path / "plain.tif", np.full((3, 64, 64), 9, np.uint8), crs=None),
+    }
+    output = tmp_path / ("index.parquet" if case == "parquet output" else "index")
+    extra = {"zero workers": ["--workers", "0"], "ray option without ray": ["--engine", "local", "--workers", "2"]}
+    args = ["index", "--engine", "ray", "--model", str(tiny_bundle), "--tile-size", "64", str(scenes[0]),
+            str(bad.get(case, scenes[1])), "-o", str(output), *extra.get(case, [])]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rsmclip-geo: error: ") and re.search(message, err[0]), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_too_many_workers_for_the_cluster(local_ray, scenes, model, tmp_path):
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(RsmclipError, match=rf"--workers {cpus}: the Ray cluster has {cpus} CPUs"):
+        ray_engine.index_scenes_ray(scenes[:1], tmp_path / "index", model=model, tiling=PARAMS, workers=cpus)
+    assert not (tmp_path / "index").exists()
