@@ -1,11 +1,13 @@
 """`index --engine ray`: a local Ray with 2 encoder actors builds the single-process indexer's index.
 
 Ray starts once for the module (a local instance sized for 2 encoders and a reader); every test
-compares against `index_scenes` on the same real scenes in three UTM zones.
+compares against `index_scenes` on the same real scenes in three UTM zones. The stage functions
+the Ray tasks and actors run are also chained in-process (no Ray needed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -14,17 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 from rasters import truncated_copy, write_geotiff
 
-ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'rsmclip-geo[ray]' to test --engine ray")
-pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'rsmclip-geo[ray]'")
+from rsmclip_geo import ray_engine
+from rsmclip_geo.cli import main
+from rsmclip_geo.encoders import load_model
+from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.index import ShardWriter, TileIndex, assemble, batch_table, index_scenes, plan_index
+from rsmclip_geo.pipeline import Cancelled
+from rsmclip_geo.search import search_index
+from rsmclip_geo.tiling import TilingParams
 
-from rsmclip_geo import ray_engine  # noqa: E402
-from rsmclip_geo.cli import main  # noqa: E402
-from rsmclip_geo.encoders import load_model  # noqa: E402
-from rsmclip_geo.errors import RsmclipError  # noqa: E402
-from rsmclip_geo.index import TileIndex, index_scenes  # noqa: E402
-from rsmclip_geo.pipeline import Cancelled  # noqa: E402
-from rsmclip_geo.search import search_index  # noqa: E402
-from rsmclip_geo.tiling import TilingParams  # noqa: E402
+requires_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                  reason="Ray is not installed: pip install 'rsmclip-geo[ray]' to test --engine ray")
 
 PARAMS = TilingParams(tile_size=64)
 #: EPSG:26913 uint8 RGB, EPSG:32750 RGBA drone ortho with nodata, EPSG:32633 4-band orthophoto.
@@ -35,8 +37,9 @@ WINDOW_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "win_col", "win_row",
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module, with room for 2 encoder actors and a window reader."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'rsmclip-geo[ray]' to test --engine ray")
     started = ray_engine.connect_ray(None, workers=2, cpus_per_worker=1.0)
-    yield
+    yield ray
     if started:
         ray.shutdown()
 
@@ -150,9 +153,10 @@ def no_ray_start(monkeypatch):
         ("no CRS", r"plain\.tif: raster has no CRS or geotransform"),
         ("parquet output", r"--engine ray writes a directory of GeoParquet shards"),
         ("zero workers", r"--workers 0: give a positive number"),
-        ("ray option without ray", r"--workers .* need --engine ray"),
+        ("ray option without ray", r"--workers.* need --engine ray"),
     ],
 )
+@requires_ray
 def test_bad_input_fails_with_one_line_before_ray_starts(case, message, no_ray_start, scenes, tiny_bundle,
                                                          tmp_path, capsys):
     notes = tmp_path / "notes.tif"
@@ -174,7 +178,51 @@ def test_bad_input_fails_with_one_line_before_ray_starts(case, message, no_ray_s
 
 
 def test_too_many_workers_for_the_cluster(local_ray, scenes, model, tmp_path):
-    cpus = int(ray.cluster_resources()["CPU"])
+    cpus = int(local_ray.cluster_resources()["CPU"])
     with pytest.raises(RsmclipError, match=rf"--workers {cpus}: the Ray cluster has {cpus} CPUs"):
         ray_engine.index_scenes_ray(scenes[:1], tmp_path / "index", model=model, tiling=PARAMS, workers=cpus)
     assert not (tmp_path / "index").exists()
+
+
+def test_stages_chained_in_process_give_the_local_index(scenes, model, tmp_path):
+    """chunk_rows → read_chunks → TileEncoder → embedded_batches, as Ray runs them, without Ray."""
+    local = TileIndex.open(index_scenes(scenes[:2], tmp_path / "local", model=model, tiling=PARAMS))
+    job = plan_index(scenes[:2], tmp_path / "chained", model=model, tiling=PARAMS)
+    writer = ShardWriter(job.partial, job.metadata)
+    rows, windows = ray_engine.chunk_rows(job, writer.open(), 16)
+    assert len(rows) == sum(-(-len(w) // 16) for _, w in job.plans)
+    scene_table = {scene.fingerprint: scene for scene, _ in job.plans}
+    read = [ray_engine.read_chunks({name: np.array([row[name]]) for name in row}, scene_table, windows,
+                                   job.params, model.bundle.info) for row in rows]
+    tiles = {name: np.concatenate([r[name] for r in read]) for name in read[0]}
+    assert int(tiles["windows"].sum()) == job.total_windows
+    encoder = ray_engine.TileEncoder(str(model.bundle.path), model.bundle.fingerprint, ["cpu"], 1)
+    for start in range(0, len(tiles["keep"]), 16):
+        result = encoder({name: values[start:start + 16] for name, values in tiles.items()})
+        assert "pixels" not in result
+        for batch in ray_engine.embedded_batches(result, scene_table):
+            writer.add(batch_table(batch, job.schema))
+    writer.flush()
+    assemble(job.partial, job.output, job.metadata)
+    chained = TileIndex.open(job.output)
+    for name in [*WINDOW_COLUMNS, "geometry"]:
+        assert chained.table.column(name).equals(local.table.column(name)), name
+    assert np.abs(chained.embeddings().astype(np.float32) - local.embeddings().astype(np.float32)).max() <= 1e-3
+    assert chained.metadata == local.metadata
+
+
+def test_chunk_without_kept_tiles_still_counts_its_windows(scenes, model, tmp_path):
+    job = plan_index(scenes[:1], tmp_path / "index", model=model, tiling=TilingParams(tile_size=64, min_std=1e6))
+    rows, windows = ray_engine.chunk_rows(job, {}, 8)
+    scene_table = {scene.fingerprint: scene for scene, _ in job.plans}
+    read = ray_engine.read_chunks({name: np.array([rows[0][name]]) for name in rows[0]}, scene_table, windows,
+                                  job.params, model.bundle.info)
+    assert read["keep"].tolist() == [False] and read["windows"].tolist() == [8]
+    encoder = ray_engine.TileEncoder(str(model.bundle.path), model.bundle.fingerprint, ["cpu"], 1)
+    result = encoder(read)
+    assert not result["embedding"].any() and list(ray_engine.embedded_batches(result, scene_table)) == []
+
+
+def test_encoder_refuses_another_bundle_at_the_path(model):
+    with pytest.raises(RsmclipError, match="another bundle at that path"):
+        ray_engine.TileEncoder(str(model.bundle.path), "0" * 64, ["cpu"], 1)
