@@ -44,7 +44,7 @@ HNSW_MAX_ROWS = 500_000
 #: HNSW: neighbours per node, construction and search beam widths.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 512  # 128 gave recall@10 0.75-0.78 on 81k real tile embeddings, 512 gave 0.98
 #: IVF: inverted lists per sqrt(rows), lists visited per query, k-means training rows per list and iterations.
 IVF_LISTS_PER_SQRT = 1
 IVF_NPROBE = 32
