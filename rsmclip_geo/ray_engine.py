@@ -253,7 +253,7 @@ def _run(job: IndexJob, batch_size: int, workers: int, cpus_per_worker: float, g
                                      bundle=str(job.model.bundle.path), fingerprint=job.model.bundle.fingerprint,
                                      providers=None if gpus_per_worker else ["cpu"], threads=threads))
                 )
-                results = _user_errors(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+                results = _user_errors(dataset.iter_batches(batch_size=batch_size, batch_format="numpy"))
                 try:
                     for result in results:
                         if cancel is not None and cancel():
