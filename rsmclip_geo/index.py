@@ -502,7 +502,11 @@ class TileIndex(IndexMetadata):
     @classmethod
     def open(cls, path: str | os.PathLike) -> TileIndex:
         """Open a .parquet index file or a directory of index shards; TileIndexError if unusable."""
-        header = IndexHeader.read(path)
+        return cls.load(IndexHeader.read(path))
+
+    @classmethod
+    def load(cls, header: IndexHeader) -> TileIndex:
+        """The whole index behind an already read header, in memory."""
         try:
             table = pa.concat_tables([pq.read_table(f, schema=header.schema) for f in header.files])
         except (pa.ArrowException, OSError, ValueError) as exc:

@@ -363,7 +363,7 @@ def open_ann(header: IndexHeader, exact: bool, ann_min_rows: int):
 
 
 def search_index(
-    index: TileIndex | str | os.PathLike,
+    index: TileIndex | IndexHeader | str | os.PathLike,
     queries: str | Sequence[str],
     *,
     model=None,
@@ -379,16 +379,19 @@ def search_index(
 ) -> list[Hit]:
     """Ranked hits (1..top_k per query) of text queries in any language over a tile index.
 
-    An index given by path with more than `ann_min_rows` tiles is searched through its ANN index
-    (rsmclip_geo.ann) without loading it; `exact` forces exact search over all tiles. Query
-    embeddings come from `query_cache` when given.
+    An index given by path or as an IndexHeader with more than `ann_min_rows` tiles is searched
+    through its ANN index (rsmclip_geo.ann) without loading it; `exact` forces exact search over all
+    tiles. Query embeddings come from `query_cache` when given.
     """
     queries = clean_queries(queries)
     _check_search_params(top_k, nms_overlap, threshold)
-    header = None if isinstance(index, TileIndex) else IndexHeader.read(index)
+    if isinstance(index, TileIndex):
+        header = None
+    else:
+        header = index if isinstance(index, IndexHeader) else IndexHeader.read(index)
     ann = None if header is None else open_ann(header, exact, ann_min_rows)
     if ann is None and header is not None:
-        index = TileIndex.open(header.path)
+        index = TileIndex.load(header)
     searched = header if ann is not None else index
     model = searched.load_model(model, threads=threads)
     vectors = query_vectors(model, queries, lang, cache=query_cache)

@@ -212,7 +212,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     # exact or ANN search by size and reads only what it needs.
     index = TileIndex.open(args.index) if args.heatmap else IndexHeader.read(args.index)
     model = index.load_model(args.model, threads=args.threads)
-    hits = search_index(index if args.heatmap else args.index, queries, model=model, top_k=args.top_k,
+    hits = search_index(index, queries, model=model, top_k=args.top_k,
                         threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, lang=args.lang,
                         exact=args.exact, query_cache=QueryCache())
     print_hits(hits)
