@@ -31,6 +31,10 @@ SAMPLE_SIZE = 1024
 STRETCH_PERCENTILES = (2.0, 98.0)
 #: Scenes larger than this on a side should be internally tiled for fast windowed reads.
 UNTILED_WARN_SIZE = 4096
+#: Resampling of windows read smaller than full resolution (tiles decimated to the model input). GDAL's
+#: cubic filter widens with the downscale factor, as Pillow's bicubic resize does, so tiles match the
+#: resize that models are trained and exported with (tests/test_raster.py checks the agreement).
+DECIMATION = Resampling.cubic
 #: GDAL block cache cap in MB, applied unless GDAL_CACHEMAX is set. GDAL's own default, 5 % of RAM,
 #: lets the decoded blocks of a big scene (or VRT mosaic) grow the process by gigabytes; tiles are
 #: read once, so a small cache costs no speed. Takes effect when set before GDAL's first read.
@@ -250,13 +254,14 @@ class SceneReader:
     def read_rgb(
         self, col: int, row: int, width: int, height: int, max_size: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [h,w,3] RGB and bool [h,w] validity of a window, decimated to ≤ max_size on its long side."""
+        """uint8 [h,w,3] RGB and bool [h,w] validity of a window, decimated to ≤ max_size on its long side
+        (``DECIMATION`` resampling)."""
         out_h, out_w = height, width
         resampling = Resampling.nearest
         if max_size is not None and max(width, height) > max_size:
             factor = max(width, height) / max_size
             out_h, out_w = max(1, round(height / factor)), max(1, round(width / factor))
-            resampling = Resampling.average
+            resampling = DECIMATION
         window = Window(col, row, width, height)
         shape = (len(self._unique), out_h, out_w)
         try:

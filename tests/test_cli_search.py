@@ -67,7 +67,7 @@ def test_queries_file_and_formats(city_index, tiny_bundle, tmp_path, run):
     queries = tmp_path / "queries.txt"
     queries.write_text("# one query per line\nstorage tanks\n\nplage\n", encoding="utf-8")
     code, _, _ = run("search", city_index, "--queries-file", queries, "--model", tiny_bundle, "--top-k", "2",
-                     "-o", tmp_path / "hits.gpkg", "--aoi=-180,-90,180,90")
+                     "-o", tmp_path / "hits.gpkg", "--aoi", "-180,-90,180,90")
     assert code == 0
     import geopandas
 

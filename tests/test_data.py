@@ -229,3 +229,21 @@ def test_dataset_draws_languages_per_sample(shared_data):
     batch = D.collate_views(samples[:4])
     assert batch["global"].shape == (4, 2, 3, 32, 32) and batch["local"].shape == (4, 1, 3, 16, 16)
     assert dataset[(0, 5)]["caption"] == dataset[(0, 5)]["caption"]
+
+
+def test_cached_images_give_the_same_views(shared_data, tmp_path):
+    source = sorted((shared_data / "aid" / "Beach").iterdir())[0]
+    copy = tmp_path / source.name
+    copy.write_bytes(source.read_bytes())
+    item = D.CaptionedImage(image=copy, captions={"en": ["beach"]}, label="Beach")
+    augment = D.MultiCropAugment(D.MultiCropConfig(32, 16, n_local=1))
+    plain = D.MultiCropCaptionDataset([item], augment)
+    cached = D.MultiCropCaptionDataset([item], augment, cache_images=True)
+    expected = {seed: plain[(0, seed)] for seed in (3, 4)}
+    cached[(0, 0)]
+    copy.unlink()  # from now on only the cache has the image
+    for seed, views in expected.items():
+        sample = cached[(0, seed)]
+        assert torch.equal(sample["global"], views["global"]) and torch.equal(sample["local"], views["local"])
+    with pytest.raises(RsmclipError, match="cannot be read"):
+        plain[(0, 3)]

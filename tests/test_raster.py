@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import ColorInterp
+from PIL import Image
 from rasterio.transform import Affine
 from rasters import truncated_copy, write_geotiff
 
@@ -130,8 +131,18 @@ def test_decimated_window_read(geotiff):
         rgb, valid = reader.read_rgb(100, 50, 600, 400, max_size=150)
         full, _ = reader.read_rgb(100, 50, 600, 400)
     assert rgb.shape == (100, 150, 3) and valid.shape == (100, 150)
-    # average resampling: the decimated mean equals the full-resolution mean
     assert abs(rgb.mean() - full.mean()) < 1.5
+
+
+def test_decimated_reads_match_the_bicubic_resize_models_are_trained_with(shared_data, tmp_path):
+    """A 150 px AID image read at 64 px equals Pillow's bicubic resize (training crops, open_clip preprocess)."""
+    image = Image.open(sorted((shared_data / "aid" / "Airport").iterdir())[0]).convert("RGB")
+    path = write_geotiff(tmp_path / "airport.tif", np.asarray(image).transpose(2, 0, 1))
+    with SceneReader(open_scene(path)) as reader:
+        rgb, _ = reader.read_rgb(0, 0, 150, 150, max_size=64)
+    expected = np.asarray(image.resize((64, 64), Image.BICUBIC)).astype(int)
+    diff = np.abs(rgb.astype(int) - expected)
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
 
 
 def test_fingerprint_is_content_based(geotiff, tmp_path):

@@ -28,6 +28,17 @@ def test_trained_tokenizer_has_xlmr_special_ids(kind: str) -> None:
     assert UNK_ID not in tokenizer.encode("储油罐").ids
 
 
+@pytest.mark.parametrize("kind", ["unigram", "bpe"])
+def test_han_characters_are_tokens_of_their_own_in_any_context(kind: str) -> None:
+    corpus = ["机场", "有飞机的机场", "机场跑道", "港口", "一个港口的卫星图像", "airport seen from above"] * 20
+    tokenizer = train_tokenizer(corpus, vocab_size=120, kind=kind)
+    alone = tokenizer.encode("机场").tokens[1:-1]
+    assert alone[-2:] == ["机", "场"]
+    assert tokenizer.encode("卫星图像中的机场").tokens[-3:-1] == ["机", "场"]  # the same tokens inside a phrase
+    merged = train_tokenizer(corpus, vocab_size=120, kind=kind, isolate_han=False)
+    assert merged.encode("卫星图像中的机场").tokens[-3:-1] != merged.encode("机场").tokens[-3:-1]
+
+
 def test_hf_text_dir_loads_offline_with_transformers(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 

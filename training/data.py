@@ -420,9 +420,11 @@ class MultiCropCaptionDataset(Dataset):
     the language is drawn uniformly among the item's languages, then one caption of it.
     """
 
-    def __init__(self, items: Sequence[CaptionedImage], augment: MultiCropAugment) -> None:
+    def __init__(self, items: Sequence[CaptionedImage], augment: MultiCropAugment, *,
+                 cache_images: bool = False) -> None:
         self.items = list(items)
         self.augment = augment
+        self.cache: dict[int, Image.Image] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -433,8 +435,19 @@ class MultiCropCaptionDataset(Dataset):
         rng = random.Random(draw_seed)
         lang = rng.choice(sorted(item.captions))
         caption = rng.choice(item.captions[lang])
-        global_views, local_views = self.augment(load_rgb(item.image), rng)
+        global_views, local_views = self.augment(self.image(index), rng)
         return {"global": global_views, "local": local_views, "caption": caption, "lang": lang, "index": index}
+
+
+    def image(self, index: int) -> Image.Image:
+        """The decoded image of item ``index``; kept in memory after the first read when caching (small datasets
+        such as AID at 150 px: ~0.07 MB per image, and JPEG decoding then no longer costs a share of each step)."""
+        if self.cache is None:
+            return load_rgb(self.items[index].image)
+        image = self.cache.get(index)
+        if image is None:
+            image = self.cache[index] = load_rgb(self.items[index].image)
+        return image
 
 
 def collate_views(samples: list[dict]) -> dict:

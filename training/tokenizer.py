@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -25,8 +25,15 @@ def train_tokenizer(
     *,
     kind: str = "unigram",
     min_frequency: int = 1,
+    isolate_han: bool = True,
 ) -> Tokenizer:
-    """Train an XLM-R-style tokenizer (SentencePiece-like Unigram or BPE over ``▁``-marked words)."""
+    """Train an XLM-R-style tokenizer (SentencePiece-like Unigram or BPE over ``▁``-marked words).
+
+    With ``isolate_han`` every Han character is a pre-token of its own (as BERT does for CJK text):
+    Chinese has no spaces, so otherwise a character's token depends on its neighbours ("机场" alone is
+    one token, inside "照片中的机场" two unrelated ones) and a small text tower cannot carry what it
+    learned about a word into a new phrasing.
+    """
     if kind == "unigram":
         model = models.Unigram()
         trainer = trainers.UnigramTrainer(
@@ -42,7 +49,9 @@ def train_tokenizer(
         raise ValueError(f"kind must be 'unigram' or 'bpe', not {kind!r}")
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" +", " ")])
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([metaspace, pre_tokenizers.Split(Regex(r"\p{Han}"), "isolated")])
+                               if isolate_han else metaspace)
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
     for token_id, token in enumerate(SPECIAL_TOKENS):

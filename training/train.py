@@ -73,6 +73,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "languages": list(D.LANGUAGES),
         "batch_size": 32,
         "workers": 2,
+        "cache_images": False,  # keep decoded images in memory (per data-loader worker): for small datasets
         "samples_per_epoch": None,
         "distinct_labels": False,  # class folders: batches hold each class at most once (no same-class negatives)
         "local_crops": 6,
@@ -497,7 +498,7 @@ class Trainer:
         ))
         if self.distill and self.augment.config.n_local and self.augment.config.local_size != image_size:
             check_view_size(self.loaded.model.visual, self.augment.config.local_size, image_size, self.device)
-        self.dataset = D.MultiCropCaptionDataset(items, self.augment)
+        self.dataset = D.MultiCropCaptionDataset(items, self.augment, cache_images=bool(dcfg["cache_images"]))
         self.sampler = D.ResumableWeightedSampler(
             len(items), batch_size=int(dcfg["batch_size"]), seed=int(config["seed"]),
             probabilities=probabilities, samples_per_epoch=dcfg["samples_per_epoch"],

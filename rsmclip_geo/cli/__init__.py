@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ from rsmclip_geo.errors import RsmclipError
 log = logging.getLogger("rsmclip_geo")
 
 COMMAND_MODULES = ("rsmclip_geo.cli.model_commands", "rsmclip_geo.cli.search_commands")
+NUMBER_LIST_OPTIONS = ("--aoi",)  # options whose value may be a comma-separated list starting with a minus
+NUMBER_LIST = re.compile(r"^-[\d.]+(,\s*-?[\d.]+)+$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +50,18 @@ def add_verbosity_flags(parser: argparse.ArgumentParser, *, default: bool) -> No
                        help="only errors")
 
 
+def join_number_lists(argv: Sequence[str]) -> list[str]:
+    """``--aoi -9.2,38.6,-9.0,38.8`` -> ``--aoi=-9.2,38.6,-9.0,38.8``: argparse would read the value as an option."""
+    out: list[str] = []
+    for arg in argv:
+        arg = str(arg)
+        if out and out[-1] in NUMBER_LIST_OPTIONS and NUMBER_LIST.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def configure_logging(verbose: int, quiet: bool) -> None:
     """Log to stderr: warnings by default, info with -v, debug with -vv, errors only with -q."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
@@ -57,7 +72,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rsmclip-geo` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_number_lists(sys.argv[1:] if argv is None else argv))
     configure_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)

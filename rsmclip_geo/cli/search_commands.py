@@ -94,7 +94,7 @@ def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) ->
     group = parser.add_argument_group("search")
     group.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
     group.add_argument("--threshold", type=float, help="minimum cosine score")
-    group.add_argument("--aoi", help="area of interest: minlon,minlat,maxlon,maxlat (write --aoi=-9.2,38.6,-9.0,38.8 when it starts with a minus) or a vector file")
+    group.add_argument("--aoi", help="area of interest: minlon,minlat,maxlon,maxlat (EPSG:4326) or a vector file")
     group.add_argument("--nms", type=float, default=0.5,
                        help="drop hits overlapping a better one by more than this fraction of the smaller tile "
                             "(default 0.5; 1 keeps all)")
