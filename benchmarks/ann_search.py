@@ -3,11 +3,12 @@
 1. Mosaic: every AID image (../shared/data/aid, sorted) placed in 150 px cells of one georeferenced
    GeoTIFF (UTM 29N, 4 m/px, JPEG-compressed, 256 px blocks), sized so that its tiles number ≥ --rows.
 2. Tile index: 64 px tiles at 75 % overlap and scales 1-5 (64…320 px windows, decimated to the
-   model's input by GDAL's average resampling, like the runtime's reader) embedded with the
+   model's input by the runtime's reader, GDAL cubic resampling) embedded with the
    runtime's preprocessing and image encoder, written as a sharded GeoParquet index through the
    project's writer (plan_index → ShardWriter → assemble). Windows are read as strips of one window
-   row (the same decimated pixels as per-window reads, far fewer GDAL calls); an interrupted run
-   resumes from its shards, and a finished index in --work-dir is reused.
+   row (the decimated pixels of per-window reads, up to the filter's reach across window edges; far
+   fewer GDAL calls); an interrupted run resumes from its shards, and a finished index in --work-dir
+   is reused.
 3. ANN index: `build_ann` in a child process (build time and peak RSS), index size on disk.
 4. Queries: the AID class names of training/vocab/aid_classes.yaml in all ten languages, encoded by
    the text tower (time per query reported separately, uncached and from the query cache).

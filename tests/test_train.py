@@ -201,15 +201,19 @@ def test_smoke_config_data_resolves():
     assert all(len(item.captions) == 10 for item in groups[0])
 
 
-def test_distinct_label_batches_hold_each_class_once():
+def test_distinct_label_batches_hold_each_class_once_to_the_end_of_the_epoch():
     labels = [c for c, n in zip("abcdef", (9, 7, 5, 5, 4, 3)) for _ in range(n)]
     order = D.interleave_labels(torch.randperm(len(labels)), labels, torch.Generator().manual_seed(1))
-    assert sorted(order.tolist()) == list(range(len(labels)))  # a permutation: nothing lost or repeated
-    first_round = [labels[i] for i in order[:6].tolist()]
-    assert sorted(first_round) == list("abcdef")
+    assert len(order) == len(labels)
+    rounds = [[labels[i] for i in order[r:r + 6].tolist()] for r in range(0, len(order) - 5, 6)]
+    assert all(sorted(r) == list("abcdef") for r in rounds)  # the last round too: class-balanced
+    assert len(set(order[:18].tolist())) == 18  # the smallest class (3 items) repeats only after 3 rounds
+    per_class = {c: [i for i in order.tolist() if labels[i] == c] for c in "abcdef"}
+    assert sorted(set(per_class["f"])) == [i for i, c in enumerate(labels) if c == "f"]
+    assert len(set(per_class["a"])) == len(per_class["a"])  # large classes: no item twice in an epoch
     sampler = D.ResumableWeightedSampler(len(labels), batch_size=6, seed=0, distinct_labels=labels)
-    batch = [labels[i] for i, _ in list(sampler)[:6]]
-    assert len(set(batch)) == 6
+    batches = [[labels[i] for i, _ in list(sampler)[b:b + 6]] for b in range(0, 30, 6)]
+    assert all(len(set(batch)) == 6 for batch in batches)
 
 
 def test_text_warmup_learns_the_class_captions(tiny_aid, tiny_model):

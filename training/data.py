@@ -467,22 +467,29 @@ def mixture_weights(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarra
 
 
 def interleave_labels(order: torch.Tensor, labels: Sequence[str | None], gen: torch.Generator) -> torch.Tensor:
-    """Reorder ``order`` in rounds that take one item of every label still left, in a random label order.
+    """``len(order)`` items in rounds that hold every label once, in a random label order per round.
 
-    Consecutive items then rarely share a label, so a batch of class captions holds few duplicate
-    classes: the contrastive loss sees no same-class pairs as negatives while every class has items
-    in each round.
+    A batch of consecutive items then holds distinct labels (all of them when the batch size is the
+    number of labels), so the contrastive loss sees no same-class pairs as negatives. Labels take
+    their items from ``order`` in turn; a label that runs out starts over on its items in a new random
+    order. Sampling is therefore class-balanced: without the refill, the end of every epoch would be
+    batches of the few largest classes only, whose false negatives and skewed batch-norm statistics
+    undo what the epoch learned.
     """
     queues: dict[str | None, list[int]] = {}
     for index in order.tolist():
         queues.setdefault(labels[index], []).append(index)
+    pools = {key: list(items) for key, items in queues.items()}
     keys = list(queues)
     out: list[int] = []
-    while keys:
+    while len(out) < len(order):
         for k in torch.randperm(len(keys), generator=gen).tolist():
-            out.append(queues[keys[k]].pop())
-        keys = [key for key in keys if queues[key]]
-    return torch.tensor(out, dtype=order.dtype)
+            queue = queues[keys[k]]
+            if not queue:
+                pool = pools[keys[k]]
+                queue.extend(pool[i] for i in torch.randperm(len(pool), generator=gen).tolist())
+            out.append(queue.pop(0))
+    return torch.tensor(out[: len(order)], dtype=order.dtype)
 
 
 class ResumableWeightedSampler(Sampler):
