@@ -438,7 +438,6 @@ class MultiCropCaptionDataset(Dataset):
         global_views, local_views = self.augment(self.image(index), rng)
         return {"global": global_views, "local": local_views, "caption": caption, "lang": lang, "index": index}
 
-
     def image(self, index: int) -> Image.Image:
         """The decoded image of item ``index``; kept in memory after the first read when caching (small datasets
         such as AID at 150 px: ~0.07 MB per image, and JPEG decoding then no longer costs a share of each step)."""
