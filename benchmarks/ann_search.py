@@ -94,7 +94,7 @@ def write_mosaic(images: list[Path], output: Path, side: int) -> Path:
 
 def build_index(mosaic: Path, output: Path, model) -> Path:
     """Embed every window of the mosaic through the project's writer (resumable); returns the index path."""
-    from rsmclip_geo.index import ShardWriter, assemble, batch_table, plan_index
+    from rsmclip_geo.index import batch_table, plan_index
     from rsmclip_geo.pipeline import EmbeddedBatch, keep_tile
     from rsmclip_geo.preprocess import preprocess_images
     from rsmclip_geo.raster import SceneReader
@@ -104,13 +104,7 @@ def build_index(mosaic: Path, output: Path, model) -> Path:
         return output
     job = plan_index([mosaic], output, model=model, tiling=TilingParams(tile_size=TILE, overlap=OVERLAP, scales=SCALES))
     (scene, windows), = job.plans
-    writer = ShardWriter(job.partial, job.metadata)
-    done = writer.open().get(scene.fingerprint, set())
     info = model.bundle.info
-    rows: dict[tuple[int, int], list] = {}
-    for w in windows:
-        if w.tile_id(scene.fingerprint) not in done:
-            rows.setdefault((w.scale, w.row), []).append(w)
     start = reported = time.perf_counter()
     encoded = 0
     pending_windows, pending_images = [], []
@@ -123,7 +117,12 @@ def build_index(mosaic: Path, output: Path, model) -> Path:
             encoded += len(pending_windows)
         pending_windows, pending_images = [], []
 
-    try:
+    with job.shards() as (writer, done_ids):
+        done = done_ids.get(scene.fingerprint, set())
+        rows: dict[tuple[int, int], list] = {}
+        for w in windows:
+            if w.tile_id(scene.fingerprint) not in done:
+                rows.setdefault((w.scale, w.row), []).append(w)
         with SceneReader(scene) as reader:
             for (scale, row), strip_windows in sorted(rows.items()):
                 edge = TILE * scale
@@ -140,10 +139,7 @@ def build_index(mosaic: Path, output: Path, model) -> Path:
                     reported = time.perf_counter()
                     rate = encoded / (reported - start)
                     print(f"  embedded {len(done) + encoded} / {len(windows)} tiles ({rate:.0f} tiles/s)", flush=True)
-            encode()
-    finally:
-        writer.flush()
-    assemble(job.partial, job.output, job.metadata)
+        encode()
     return output
 
 

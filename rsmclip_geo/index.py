@@ -12,7 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +243,18 @@ class IndexJob:
     def total_windows(self) -> int:
         return sum(len(windows) for _, windows in self.plans)
 
+    @contextmanager
+    def shards(self) -> Iterator[tuple[ShardWriter, dict[str, set[str]]]]:
+        """(writer, tile ids already in the resume shards per scene fingerprint); on a clean exit the
+        shards are flushed and assembled into the index, on an exception only flushed (a rerun resumes)."""
+        writer = ShardWriter(self.partial, self.metadata)
+        done_ids = writer.open()
+        try:
+            yield writer, done_ids
+        finally:
+            writer.flush()
+        assemble(self.partial, self.output, self.metadata)
+
 
 def plan_index(
     scenes: Sequence[str | os.PathLike | Scene],
@@ -292,12 +305,10 @@ def index_scenes(
     anything else a directory of GeoParquet shards.
     """
     job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, threads=threads)
-    writer = ShardWriter(job.partial, job.metadata)
-    done_ids = writer.open()
     schema = job.schema
     grand_total = job.total_windows
     offset = 0
-    try:
+    with job.shards() as (writer, done_ids):
         for scene, windows in job.plans:
             skip = done_ids.get(scene.fingerprint, set())
             already = sum(1 for w in windows if w.tile_id(scene.fingerprint) in skip)
@@ -311,9 +322,6 @@ def index_scenes(
                                      skip=skip, progress=scene_progress, cancel=cancel):
                 writer.add(batch_table(batch, schema))
             offset += len(windows)
-    finally:
-        writer.flush()
-    assemble(job.partial, job.output, job.metadata)
     return job.output
 
 

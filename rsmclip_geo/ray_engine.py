@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rsmclip_geo.errors import BundleError, RsmclipError
-from rsmclip_geo.index import IndexJob, ShardWriter, assemble, batch_table, plan_index
+from rsmclip_geo.index import IndexJob, batch_table, plan_index
 from rsmclip_geo.pipeline import (CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, default_threads,
                                   read_chunk)
 from rsmclip_geo.raster import Scene, SceneReader
@@ -227,19 +227,17 @@ def _run(job: IndexJob, batch_size: int, workers: int, cpus_per_worker: float, g
     """Stream the job through Ray Data into resume shards, then assemble the index."""
     import ray.data
 
-    writer = ShardWriter(job.partial, job.metadata)
-    done_ids = writer.open()
-    rows, windows = chunk_rows(job, done_ids, batch_size)
     scenes = {scene.fingerprint: scene for scene, _ in job.plans}
     schema = job.schema
     total = job.total_windows
-    done = total - sum(len(w) for w in windows.values())
     info = job.model.bundle.info
-    log.info("ray: %d windows in %d chunks, %d encoder actors (%g CPU, %g GPU each)",
-             total - done, len(rows), workers, cpus_per_worker, gpus_per_worker)
-    if progress:
-        progress(done, total)
-    try:
+    with job.shards() as (writer, done_ids):
+        rows, windows = chunk_rows(job, done_ids, batch_size)
+        done = total - sum(len(w) for w in windows.values())
+        log.info("ray: %d windows in %d chunks, %d encoder actors (%g CPU, %g GPU each)",
+                 total - done, len(rows), workers, cpus_per_worker, gpus_per_worker)
+        if progress:
+            progress(done, total)
         if rows:
             with _quiet_ray_data():
                 dataset = (
@@ -265,9 +263,6 @@ def _run(job: IndexJob, batch_size: int, workers: int, cpus_per_worker: float, g
                             progress(done, total)
                 finally:
                     results.close()  # stops the Dataset's executor and frees its actors at once
-    finally:
-        writer.flush()
-    assemble(job.partial, job.output, job.metadata)
 
 
 def embedded_batches(result: dict[str, np.ndarray], scenes: dict[str, Scene]) -> Iterator[EmbeddedBatch]:

@@ -20,7 +20,7 @@ from rsmclip_geo import ray_engine
 from rsmclip_geo.cli import main
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.index import ShardWriter, TileIndex, assemble, batch_table, index_scenes, plan_index
+from rsmclip_geo.index import TileIndex, batch_table, index_scenes, plan_index
 from rsmclip_geo.pipeline import Cancelled
 from rsmclip_geo.search import search_index
 from rsmclip_geo.tiling import TilingParams
@@ -188,22 +188,20 @@ def test_stages_chained_in_process_give_the_local_index(scenes, model, tmp_path)
     """chunk_rows → read_chunks → TileEncoder → embedded_batches, as Ray runs them, without Ray."""
     local = TileIndex.open(index_scenes(scenes[:2], tmp_path / "local", model=model, tiling=PARAMS))
     job = plan_index(scenes[:2], tmp_path / "chained", model=model, tiling=PARAMS)
-    writer = ShardWriter(job.partial, job.metadata)
-    rows, windows = ray_engine.chunk_rows(job, writer.open(), 16)
-    assert len(rows) == sum(-(-len(w) // 16) for _, w in job.plans)
-    scene_table = {scene.fingerprint: scene for scene, _ in job.plans}
-    read = [ray_engine.read_chunks({name: np.array([row[name]]) for name in row}, scene_table, windows,
-                                   job.params, model.bundle.info) for row in rows]
-    tiles = {name: np.concatenate([r[name] for r in read]) for name in read[0]}
-    assert int(tiles["windows"].sum()) == job.total_windows
-    encoder = ray_engine.TileEncoder(str(model.bundle.path), model.bundle.fingerprint, ["cpu"], 1)
-    for start in range(0, len(tiles["keep"]), 16):
-        result = encoder({name: values[start:start + 16] for name, values in tiles.items()})
-        assert "pixels" not in result
-        for batch in ray_engine.embedded_batches(result, scene_table):
-            writer.add(batch_table(batch, job.schema))
-    writer.flush()
-    assemble(job.partial, job.output, job.metadata)
+    with job.shards() as (writer, done_ids):
+        rows, windows = ray_engine.chunk_rows(job, done_ids, 16)
+        assert len(rows) == sum(-(-len(w) // 16) for _, w in job.plans)
+        scene_table = {scene.fingerprint: scene for scene, _ in job.plans}
+        read = [ray_engine.read_chunks({name: np.array([row[name]]) for name in row}, scene_table, windows,
+                                       job.params, model.bundle.info) for row in rows]
+        tiles = {name: np.concatenate([r[name] for r in read]) for name in read[0]}
+        assert int(tiles["windows"].sum()) == job.total_windows
+        encoder = ray_engine.TileEncoder(str(model.bundle.path), model.bundle.fingerprint, ["cpu"], 1)
+        for start in range(0, len(tiles["keep"]), 16):
+            result = encoder({name: values[start:start + 16] for name, values in tiles.items()})
+            assert "pixels" not in result
+            for batch in ray_engine.embedded_batches(result, scene_table):
+                writer.add(batch_table(batch, job.schema))
     chained = TileIndex.open(job.output)
     for name in [*WINDOW_COLUMNS, "geometry"]:
         assert chained.table.column(name).equals(local.table.column(name)), name

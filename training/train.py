@@ -275,6 +275,11 @@ def create_training_model(config: dict, groups: list[list[D.CaptionedImage]], ou
                         pretrained=mcfg["pretrained"], device=str(device))
 
 
+def is_text_parameter(name: str) -> bool:
+    """Whether the CLIP model's parameter ``name`` belongs to the text tower (not the image tower or logit scale)."""
+    return not name.startswith("visual.") and name != "logit_scale"
+
+
 def warm_up_text_tower(model: nn.Module, tokenizer: Any, items: Sequence[D.CaptionedImage], *, steps: int,
                        lr: float, batch_size: int, seed: int, device: torch.device) -> list[float]:
     """Pull every class's captions (all languages, names and templates) towards a learned class prototype.
@@ -293,7 +298,7 @@ def warm_up_text_tower(model: nn.Module, tokenizer: Any, items: Sequence[D.Capti
     classes = sorted(captions)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    text_params = [p for name, p in model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
+    text_params = [p for name, p in model.named_parameters() if is_text_parameter(name)]
     with torch.no_grad():
         dim = model.encode_text(tokenizer(classes[:1]).to(device)).shape[-1]
     prototypes = nn.Parameter((0.02 * torch.randn(len(classes), dim, generator=gen)).to(device))
@@ -339,7 +344,7 @@ def parameter_groups(student: RsmClipStudent, config: dict) -> list[dict]:
             continue
         no_decay = param.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "norm" in name
         is_head = name.startswith("head.")
-        is_text = name.startswith("clip.") and not name.startswith("clip.visual.") and name != "clip.logit_scale"
+        is_text = name.startswith("clip.") and is_text_parameter(name.removeprefix("clip."))
         groups.setdefault((is_head, is_text, no_decay), []).append(param)
     head_lr = ocfg["head_lr"] if ocfg["head_lr"] is not None else ocfg["lr"]
     return [
