@@ -70,7 +70,7 @@ def export_random_bundle(name: str, work: Path) -> Path:
     config.write_text(json.dumps({**model_cfg, "text_cfg": text_cfg}))
     torch.manual_seed(0)
     loaded = create_model(config, hf_text_dir=hf_text_dir)
-    return export_bundle(loaded, work / "fp32", name=f"bench-{name}-fp32", torch_weights=True)
+    return export_bundle(loaded, work / "fp32", name=f"bench-{name}-fp32", torch_weights="fp32")
 
 
 def int8_image_bundle(fp32: Path, output: Path) -> Path:

@@ -89,7 +89,7 @@ def build_tiny_bundle(tiny: TinyModel, out: Path) -> Path:
     from training.model import create_model
 
     loaded = create_model(None, checkpoint=tiny.checkpoint)
-    return export_bundle(loaded, out, name=out.name, version="0.0.1", torch_weights=True)
+    return export_bundle(loaded, out, name=out.name, version="0.0.1", torch_weights="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,28 @@ def test_fp16_bundle_meets_its_threshold(tiny_model, tmp_path: Path) -> None:
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
 
 
+def test_fp16_torch_weights_hold_the_values_the_onnx_towers_use(tiny_model, tiny_bundle: Path, tmp_path: Path,
+                                                                shared_data: Path) -> None:
+    from PIL import Image
+    from safetensors import safe_open
+
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    out = export_bundle(loaded, tmp_path / "half", torch_weights="fp16")
+    with safe_open(str(out / "weights.safetensors"), "pt") as weights:
+        dtypes = {weights.get_tensor(key).dtype for key in weights.keys()}
+    assert torch.float16 in dtypes and torch.float32 not in dtypes
+    assert (out / "weights.safetensors").stat().st_size < 0.6 * (tiny_bundle / "weights.safetensors").stat().st_size
+    assert load_bundle(out).info.parity["top1_agreement"] == 1.0
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((shared_data / "figs").glob("*.jpg"))]
+    onnx_model = load_model(out, providers=["cpu"])
+    torch_model = load_model(out, backend="torch", device="cpu")
+    for encode, data in (("encode_images", images), ("encode_texts", ["aeroporto", "储油罐", "campo de golf"])):
+        a, b = getattr(onnx_model, encode)(data), getattr(torch_model, encode)(data)
+        assert np.sum(a * b, axis=1).min() >= 0.99999, encode
+    with pytest.raises(RsmclipError, match="--torch-weights 'bf16'"):
+        export_bundle(loaded, tmp_path / "bf16", torch_weights="bf16")
+
+
 def test_int8_quantises_matmuls_and_stays_close(tiny_bundle: Path, tmp_path: Path) -> None:
     path = tmp_path / "image.onnx"
     path.write_bytes((tiny_bundle / "image.onnx").read_bytes())

@@ -36,6 +36,7 @@ log = logging.getLogger("training.export")
 OPSET = 18
 MAX_IR_VERSION = 10  # readable by onnxruntime >= 1.17
 PARITY_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+TORCH_WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 RSMCLIP_LANGUAGES = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
 VOCABULARY_JSON = "vocabulary.json"
@@ -413,7 +414,7 @@ def export_bundle(
     name: str | None = None,
     version: str = "1.0",
     languages: Sequence[str] | None = None,
-    torch_weights: bool = False,
+    torch_weights: str | None = None,
     default_tile_size: int | None = None,
     probes_dir: str | os.PathLike | None = None,
     vocabulary: str | os.PathLike | None = None,
@@ -424,7 +425,12 @@ def export_bundle(
     ``vocabulary``: the training vocabulary YAML; its train-part class names go into the bundle's
     vocabulary.json (known terms per language, for the runtime's out-of-vocabulary warnings).
     ``model_card``: a Markdown file copied into the bundle as MODEL_CARD.md.
+    ``torch_weights``: "fp32" or "fp16" also writes weights.safetensors for the torch backend; with "fp16" the
+    weights are rounded to fp16 before the ONNX export too, so both backends hold the same values (and the
+    parity figures hold for either) at half the size.
     """
+    if torch_weights not in (None, *TORCH_WEIGHT_DTYPES):
+        raise RsmclipError(f"--torch-weights {torch_weights!r}: choose {' or '.join(TORCH_WEIGHT_DTYPES)}")
     if precision not in PARITY_THRESHOLDS:
         raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")
     output = Path(output)
@@ -433,6 +439,11 @@ def export_bundle(
     output.parent.mkdir(parents=True, exist_ok=True)
     images, texts = load_probes(Path(probes_dir) if probes_dir else None)
     loaded.model.eval()
+    if torch_weights == "fp16":
+        with torch.no_grad():
+            for tensor in loaded.model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half())
     info = bundle_info(loaded, name=name or output.name, version=version, precision=precision,
                        languages=languages, default_tile_size=default_tile_size)
     known_terms = vocabulary_json(Path(vocabulary)) if vocabulary is not None else None
@@ -453,7 +464,7 @@ def export_bundle(
         check_parity(parity, precision)
         info["parity"] = parity
         if torch_weights:
-            _write_torch_weights(loaded, work)
+            _write_torch_weights(loaded, work, TORCH_WEIGHT_DTYPES[torch_weights])
         if known_terms is not None:
             write_json(work / VOCABULARY_JSON, known_terms)
         if model_card is not None:
@@ -486,11 +497,13 @@ def _export_towers(loaded: LoadedModel, directory: Path, info: dict[str, Any]) -
                  max_length=info["context_length"] if dynamic_length else None)
 
 
-def _write_torch_weights(loaded: LoadedModel, directory: Path) -> None:
-    """weights.safetensors + open_clip_config.json (the architecture payload) for the torch backend."""
+def _write_torch_weights(loaded: LoadedModel, directory: Path, dtype: torch.dtype) -> None:
+    """weights.safetensors (floating-point tensors in ``dtype``) + open_clip_config.json (the architecture payload)
+    for the torch backend."""
     from safetensors.torch import save_file
 
-    state = {key: value.detach().cpu().clone().contiguous() for key, value in loaded.model.state_dict().items()}
+    state = {key: (value.to(dtype) if value.is_floating_point() else value).detach().cpu().clone().contiguous()
+             for key, value in loaded.model.state_dict().items()}
     save_file(state, str(directory / bundle_format.TORCH_WEIGHTS))
     write_json(directory / bundle_format.TORCH_CONFIG, architecture_payload(loaded))
 
@@ -535,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="1.0", help="bundle version string")
     parser.add_argument("--languages", nargs="+", help="languages the text tower was trained on")
     parser.add_argument("--default-tile-size", type=int, help="default tile size in pixels for this model")
-    parser.add_argument("--torch-weights", action="store_true",
-                        help="also write weights.safetensors + open_clip_config.json for the torch backend")
+    parser.add_argument("--torch-weights", nargs="?", const="fp32", choices=tuple(TORCH_WEIGHT_DTYPES),
+                        help="also write weights.safetensors + open_clip_config.json for the torch backend, in fp32"
+                             " (the default) or fp16 (half the size; the ONNX towers then use the same rounded"
+                             " weights)")
     parser.add_argument("--probes", help="probe folder (images/, texts.json) instead of the packaged probes")
     parser.add_argument("--vocabulary", help="training vocabulary YAML; writes vocabulary.json (known terms)")
     parser.add_argument("--model-card", help="Markdown model card to ship in the bundle as MODEL_CARD.md")

@@ -185,6 +185,11 @@ def training_items(config: dict) -> tuple[list[list[D.CaptionedImage]], list[flo
 # --------------------------------------------------------------------------- model
 
 
+def view_major_batch(views: torch.Tensor) -> torch.Tensor:
+    """[B,V,3,H,W] -> [V*B,3,H,W] (view-major) in channels-last layout, the fast one for conv towers."""
+    return views.transpose(0, 1).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+
+
 class TowerWithHead(nn.Module):
     """An image tower and its DINO head; the student shares modules with the CLIP model."""
 
@@ -212,7 +217,7 @@ class RsmClipStudent(nn.Module):
     def forward(self, global_views: torch.Tensor, local_views: torch.Tensor, text: torch.Tensor) -> dict:
         """global_views [B,2,3,G,G], local_views [B,N,3,L,L] -> embeddings and head outputs, view-major."""
         batch, n_global = global_views.shape[:2]
-        embedding = self.clip.visual(global_views.transpose(0, 1).flatten(0, 1))
+        embedding = self.clip.visual(view_major_batch(global_views))
         out = {
             "image": F.normalize(embedding, dim=-1).view(n_global, batch, -1),
             "text": self.clip.encode_text(text, normalize=True),
@@ -221,7 +226,7 @@ class RsmClipStudent(nn.Module):
         if self.head is not None:
             student = list(self.head(embedding).chunk(n_global))
             if local_views.shape[1]:
-                local_emb = self.clip.visual(local_views.transpose(0, 1).flatten(0, 1))
+                local_emb = self.clip.visual(view_major_batch(local_views))
                 student += list(self.head(local_emb).chunk(local_views.shape[1]))
             out["student"] = student
         return out
@@ -464,6 +469,7 @@ class Trainer:
         else:
             self.loaded = create_training_model(config, groups, out_dir, self.device)
         self.loaded.model.train()
+        self.loaded.model.visual.to(memory_format=torch.channels_last)
         self.tokenizer = self.loaded.tokenizer
         lcfg, dcfg, ocfg = config["loss"], config["data"], config["optim"]
         items = [item for group in groups for item in group]
@@ -606,7 +612,7 @@ class Trainer:
             losses = {"clip_loss": clip_loss}
             if self.distill:
                 with torch.no_grad():
-                    _, teacher_out = self.teacher(global_views.transpose(0, 1).flatten(0, 1))
+                    _, teacher_out = self.teacher(view_major_batch(global_views))
                 teacher_views = list(teacher_out.float().chunk(global_views.shape[1]))
                 losses["distill_loss"] = self.distill_loss(out["student"], teacher_views, teacher_temp)
                 # log K = uniform targets (collapse to uniform), 0 = one-hot targets (collapse to one prototype)
