@@ -89,8 +89,9 @@ class SearchDock(QDockWidget):
         form.addRow("Model", model_row)
         tile_row = QHBoxLayout()
         self.tile_size = QDoubleSpinBox()
-        self.tile_size.setRange(1, 100000)
+        self.tile_size.setRange(0, 100000)
         self.tile_size.setDecimals(1)
+        self.tile_size.setSpecialValueText("model default")
         self.tile_unit = QComboBox()
         self.tile_unit.addItem("pixels", "px")
         self.tile_unit.addItem("metres", "m")
@@ -555,7 +556,12 @@ def tiling_params(settings: PanelSettings):
     from rsmclip_geo.cli.search_commands import parse_ints
     from rsmclip_geo.tiling import TilingParams
 
-    size = {"tile_size": int(round(settings.tile_size))} if settings.tile_unit == "px" else {"tile_size_m": settings.tile_size}
+    if settings.tile_size <= 0:  # the model's default tile size, filled in by the core
+        size = {}
+    elif settings.tile_unit == "px":
+        size = {"tile_size": int(round(settings.tile_size))}
+    else:
+        size = {"tile_size_m": settings.tile_size}
     return TilingParams(**size, overlap=settings.overlap, scales=parse_ints(settings.scales, "Scales"))
 
 

@@ -14,7 +14,7 @@ class PanelSettings:
     """Everything the panel remembers between QGIS sessions."""
 
     model: str = ""  # bundle name or directory; "" = the default bundle
-    tile_size: float = 224.0
+    tile_size: float = 0.0  # 0 = the model's default tile size (bundle.json default_tile_size)
     tile_unit: str = "px"  # "px" or "m"
     overlap: float = 0.0  # fraction of the tile size, 0 <= overlap < 1
     scales: str = "1"  # comma-separated multiples of the tile size

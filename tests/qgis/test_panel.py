@@ -70,7 +70,7 @@ def test_settings_persist_between_sessions(iface):
         assert dock.heatmap.isChecked()
     finally:
         dock.tile_unit.setCurrentIndex(dock.tile_unit.findData("px"))
-        dock.tile_size.setValue(224)
+        dock.tile_size.setValue(0)
         dock.scales.setText("1")
         dock.heatmap.setChecked(False)
         dock.threads.setValue(0)
@@ -98,6 +98,17 @@ def build_wheel(folder: Path, name: str, version: str = "1.0") -> Path:
         for path, text in files.items():
             archive.writestr(path, text)
     return wheel
+
+
+def test_tile_size_defaults_to_the_models(plugin):
+    from rsmclip_search.dock import tiling_params
+    from rsmclip_search.settings import PanelSettings
+
+    assert plugin.dock.tile_size.value() == 0 and plugin.dock.tile_size.text() == "model default"
+    params = tiling_params(PanelSettings())
+    assert params.tile_size is None and params.tile_size_m is None
+    assert params.resolved(150).tile_size == 150  # e.g. the bundled demo model's default_tile_size
+    assert tiling_params(PanelSettings(tile_size=40, tile_unit="m")).tile_size_m == 40
 
 
 def test_missing_dependency_is_explained_and_installed_with_pip(iface, tmp_path, monkeypatch):
