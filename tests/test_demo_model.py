@@ -14,7 +14,6 @@ import pytest
 import rasterio
 import yaml
 
-
 from rsmclip_geo import api
 from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
 from rsmclip_geo.encoders import load_model

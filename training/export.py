@@ -426,8 +426,8 @@ def export_bundle(
     vocabulary.json (known terms per language, for the runtime's out-of-vocabulary warnings).
     ``model_card``: a Markdown file copied into the bundle as MODEL_CARD.md.
     ``torch_weights``: "fp32" or "fp16" also writes weights.safetensors for the torch backend; with "fp16" the
-    weights are rounded to fp16 before the ONNX export too, so both backends hold the same values (and the
-    parity figures hold for either) at half the size.
+    weights of ``loaded`` itself are rounded to fp16 before the ONNX export, so both backends hold the same
+    values (and the parity figures hold for either) at half the size.
     """
     if torch_weights not in (None, *TORCH_WEIGHT_DTYPES):
         raise RsmclipError(f"--torch-weights {torch_weights!r}: choose {' or '.join(TORCH_WEIGHT_DTYPES)}")
