@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +55,11 @@ def resolve_providers(providers: Sequence[str] | str | None) -> tuple[list[str],
 
 
 class _OnnxTower:
-    """One ONNX Runtime session, created on first use."""
+    """ONNX Runtime sessions of one tower, created on first use: one per intra-op thread count.
+
+    A session's `run` is thread-safe; the embedding pipeline calls a single-threaded session from
+    several worker threads at once, which keeps every core busy without intra-op synchronisation.
+    """
 
     def __init__(self, bundle: Bundle, filename: str, input_name: str, providers: list[str], forced: bool,
                  threads: int | None) -> None:
@@ -65,23 +70,35 @@ class _OnnxTower:
         self.providers = providers
         self.forced = forced
         self.threads = threads
-        self._session: Any = None
+        self._sessions: dict[int | None, Any] = {}
+        self._lock = threading.Lock()
 
     @property
     def session(self) -> Any:
-        if self._session is None:
-            self._session = self._create()
-        return self._session
+        """The session with the tower's own thread setting."""
+        return self.session_for(self.threads)
 
-    def _create(self) -> Any:
+    def session_for(self, threads: int | None) -> Any:
+        """The session with `threads` intra-op threads (None: ONNX Runtime's default, all cores)."""
+        with self._lock:
+            if threads not in self._sessions:
+                self._sessions[threads] = self._create(threads)
+            return self._sessions[threads]
+
+    @property
+    def created(self) -> list[Any]:
+        """Sessions created so far."""
+        return list(self._sessions.values())
+
+    def _create(self, threads: int | None) -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if self.precision == "fp16":
             # onnxruntime 1.31's CPU layout optimisations (level ALL) crash on fp16 convolutions
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
+        if threads:
+            options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         quiet = CUDA in self.providers and not self.forced
         if quiet:  # a missing CUDA/cuDNN library is expected on CPU machines: fall back silently
@@ -120,8 +137,10 @@ class _OnnxTower:
         shape = self.session.get_inputs()[0].shape
         return shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
 
-    def run(self, array: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: array})[0]
+    def run(self, array: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """Outputs of the session with `threads` intra-op threads (None: the tower's setting)."""
+        session = self.session if threads is None else self.session_for(threads)
+        out = session.run(None, {self.input_name: array})[0]
         if out.ndim != 2 or out.shape[1] != self.embed_dim:
             raise BundleError(f"{self.path}: produced shape {out.shape}, bundle.json embed_dim is {self.embed_dim}; "
                               "re-export the bundle")
@@ -207,13 +226,18 @@ class Model:
                  for start in range(0, count, self.batch_size)]
         return np.concatenate(parts)
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed float32 [B,3,S,S] -> float32 [B,D], L2-normalised."""
+    def encode_pixels(self, pixels: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+        """Preprocessed float32 [B,3,S,S] -> float32 [B,D], L2-normalised.
+
+        `threads` picks an ONNX Runtime session with that many intra-op threads instead of the
+        model's setting (callers that encode from several threads at once pass 1); the torch
+        backend ignores it.
+        """
         size = self.info.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
             raise RsmclipError(f"pixels: expected float32 [B,3,{size},{size}], got shape {pixels.shape}")
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        parts = [self._run_image(pixels[start:start + self.batch_size])
+        parts = [self._run_image(pixels[start:start + self.batch_size], threads)
                  for start in range(0, pixels.shape[0], self.batch_size)]
         return l2_normalize(np.concatenate(parts))
 
@@ -227,8 +251,8 @@ class Model:
         """int64 ids [B,L] (already tokenised) -> float32 [B,D], L2-normalised."""
         return l2_normalize(self._run_text(np.ascontiguousarray(ids, dtype=np.int64)))
 
-    def _run_image(self, pixels: np.ndarray) -> np.ndarray:
-        return self._torch.image(pixels) if self._torch else self._image.run(pixels)
+    def _run_image(self, pixels: np.ndarray, threads: int | None = None) -> np.ndarray:
+        return self._torch.image(pixels) if self._torch else self._image.run(pixels, threads)
 
     def _run_text(self, ids: np.ndarray) -> np.ndarray:
         if self._torch:
@@ -244,8 +268,8 @@ class Model:
         if self._torch:
             return [f"torch:{self._torch.device}"]
         for tower in (self._image, self._text):
-            if tower._session is not None:
-                return list(tower._session.get_providers())
+            if tower.created:
+                return list(tower.created[0].get_providers())
         return list(self._image.providers)
 
 

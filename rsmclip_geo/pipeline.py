@@ -1,14 +1,17 @@
-"""Embedding pipeline: reader threads → bounded queue → batches → image encoder.
+"""Embedding pipeline: worker threads (read → filter → preprocess → encode) → bounded queue → caller.
 
-Reader threads each hold their own rasterio handle; they read a chunk of tile windows (one batch),
-drop masked or constant tiles, preprocess the rest to model input and put the batch in a bounded
-queue. The calling thread runs the encoder on whatever batch is ready, so reading and inference
-overlap, and polls the cancel callback between batches.
+Each worker thread holds its own rasterio handle and takes one chunk of tile windows (one batch) at
+a time: it reads the windows, drops masked or constant tiles, preprocesses the rest to model input,
+encodes them and puts the embeddings in a bounded queue. With several workers each encodes on a
+single-threaded ONNX Runtime session, so one worker's reads overlap another's inference and no
+core waits at an intra-op barrier. The calling thread yields the batches as they come and polls
+the cancel callback between them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -42,13 +45,6 @@ class EmbeddedBatch:
     n_windows: int  # windows of the chunk, kept or skipped
 
 
-@dataclass
-class _ReadChunk:
-    windows: list[TileWindow]
-    pixels: np.ndarray | None
-    n_windows: int
-
-
 def default_threads(threads: int | None) -> int:
     """The `threads` setting: a positive count, or the number of CPU cores when None."""
     if threads is None:
@@ -59,22 +55,32 @@ def default_threads(threads: int | None) -> int:
 
 
 def keep_tile(valid: np.ndarray, rgb: np.ndarray, params: TilingParams) -> bool:
-    """Whether a tile has enough valid area and is not near-constant."""
-    if valid.mean() < params.min_valid or not valid.any():
+    """Whether a tile has enough valid area and is not near-constant.
+
+    `rgb` is zero outside `valid` (SceneReader.read_rgb), so the standard deviation of the valid
+    values comes from sums over the whole tile, without copying them out.
+    """
+    n_valid = np.count_nonzero(valid)
+    if n_valid == 0 or n_valid < params.min_valid * valid.size:
         return False
-    return float(rgb[valid].std()) >= params.min_std
+    values = rgb.reshape(-1).astype(np.float64)
+    n = n_valid * rgb.shape[-1]
+    mean = values.sum() / n
+    # einsum, not a BLAS dot: BLAS threads would spin on the cores that inference uses
+    variance = max(float(np.einsum("i,i->", values, values)) / n - mean * mean, 0.0)
+    return math.sqrt(variance) >= params.min_std
 
 
-def read_chunk(reader: SceneReader, windows: Sequence[TileWindow], params: TilingParams, info) -> _ReadChunk:
-    """Read, filter and preprocess one chunk of windows (runs in a reader thread)."""
+def read_chunk(reader: SceneReader, windows: Sequence[TileWindow], params: TilingParams,
+               info) -> tuple[list[TileWindow], np.ndarray | None]:
+    """Read, filter and preprocess one chunk of windows: (kept windows, float32 model input or None)."""
     kept, images = [], []
-    for w in windows:
-        rgb, valid = reader.read_rgb(w.col, w.row, w.width, w.height, max_size=info.image_size)
+    tiles = reader.read_windows([(w.col, w.row, w.width, w.height) for w in windows], max_size=info.image_size)
+    for w, (rgb, valid) in zip(windows, tiles):
         if keep_tile(valid, rgb, params):
             kept.append(w)
             images.append(rgb)
-    pixels = preprocess_images(images, info) if images else None
-    return _ReadChunk(kept, pixels, len(windows))
+    return kept, (preprocess_images(images, info) if images else None)
 
 
 def embed_scene(
@@ -99,7 +105,7 @@ def embed_scene(
     windows = [w for w in tile_windows(scene, params) if w.tile_id(scene.fingerprint) not in skip]
     total = len(windows)
     chunks = [windows[i:i + batch_size] for i in range(0, total, batch_size)]
-    n_readers = min(default_threads(threads), max(1, len(chunks)))
+    n_workers = min(default_threads(threads), max(1, len(chunks)))
     info = model.bundle.info
     done = 0
     if progress:
@@ -107,10 +113,11 @@ def embed_scene(
     if not chunks:
         return
 
-    results: queue.Queue = queue.Queue(maxsize=2 * n_readers)
+    results: queue.Queue = queue.Queue(maxsize=2 * n_workers)
     stop = threading.Event()
-    next_chunk = iter(range(len(chunks)))
+    next_chunk = iter(chunks)
     lock = threading.Lock()
+    encode_threads = 1 if n_workers > 1 else None  # None: the model's own thread setting
 
     def put(item: object) -> None:
         while not stop.is_set():
@@ -120,39 +127,40 @@ def embed_scene(
             except queue.Full:
                 continue
 
-    def reader_loop() -> None:
+    def worker_loop() -> None:
         try:
             with SceneReader(scene) as reader:
                 while not stop.is_set():
                     with lock:
-                        index = next(next_chunk, None)
-                    if index is None:
+                        chunk = next(next_chunk, None)
+                    if chunk is None:
                         break
-                    put(read_chunk(reader, chunks[index], params, info))
+                    kept, pixels = read_chunk(reader, chunk, params, info)
+                    embeddings = None if pixels is None else model.encode_pixels(pixels, threads=encode_threads)
+                    put(EmbeddedBatch(scene, kept, embeddings, len(chunk)))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(exc)
         finally:
             put(None)
 
-    workers = [threading.Thread(target=reader_loop, name=f"rsmclip-reader-{i}", daemon=True)
-               for i in range(n_readers)]
+    workers = [threading.Thread(target=worker_loop, name=f"rsmclip-worker-{i}", daemon=True)
+               for i in range(n_workers)]
     for t in workers:
         t.start()
-    finished_readers = kept = 0
+    finished_workers = kept = 0
     try:
-        while finished_readers < n_readers:
+        while finished_workers < n_workers:
             if cancel is not None and cancel():
                 raise Cancelled(f"{scene.path.name}: indexing cancelled; rerun to resume")
             item = results.get()
             if item is None:
-                finished_readers += 1
+                finished_workers += 1
                 continue
             if isinstance(item, BaseException):
                 raise item
-            if item.pixels is not None:
-                embeddings = model.encode_pixels(item.pixels)
+            if item.embeddings is not None:
                 kept += len(item.windows)
-                yield EmbeddedBatch(scene, item.windows, embeddings, item.n_windows)
+                yield item
             done += item.n_windows
             if progress:
                 progress(done, total)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,33 @@ def to_uint8(data: np.ndarray, stretch: tuple[tuple[float, float], ...] | None) 
     return out
 
 
+def decimated_shape(width: int, height: int, max_size: int | None) -> tuple[int, int]:
+    """(height, width) of a window read at most `max_size` pixels on its long side (as is when smaller)."""
+    if max_size is None or max(width, height) <= max_size:
+        return height, width
+    factor = max(width, height) / max_size
+    return max(1, round(height / factor)), max(1, round(width / factor))
+
+
+def window_runs(windows: Sequence[tuple[int, int, int, int]], max_size: int | None
+                ) -> list[list[tuple[int, int, int, int]]]:
+    """Consecutive (col, row, width, height) windows grouped into runs that one read can serve
+    (SceneReader.read_windows): same row and size, each starting after the previous one by at most
+    one window width, at a whole number of output pixels from the run's first window."""
+    runs: list[list[tuple[int, int, int, int]]] = []
+    for window in windows:
+        col, row, width, height = window
+        if runs:
+            first, last = runs[-1][0], runs[-1][-1]
+            out_w = decimated_shape(width, height, max_size)[1]
+            if ((row, width, height) == first[1:] and 0 < col - last[0] <= width
+                    and (col - first[0]) * out_w % width == 0):
+                runs[-1].append(window)
+                continue
+        runs.append([window])
+    return runs
+
+
 class SceneReader:
     """Windowed RGB reads of one scene; use one reader per thread (rasterio handles are not shared)."""
 
@@ -256,12 +284,32 @@ class SceneReader:
     ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [h,w,3] RGB and bool [h,w] validity of a window, decimated to ≤ max_size on its long side
         (``DECIMATION`` resampling)."""
-        out_h, out_w = height, width
-        resampling = Resampling.nearest
-        if max_size is not None and max(width, height) > max_size:
-            factor = max(width, height) / max_size
-            out_h, out_w = max(1, round(height / factor)), max(1, round(width / factor))
-            resampling = DECIMATION
+        out_h, out_w = decimated_shape(width, height, max_size)
+        return self._read(col, row, width, height, out_h, out_w)
+
+    def read_windows(
+        self, windows: Sequence[tuple[int, int, int, int]], max_size: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`read_rgb` of each (col, row, width, height) window, with one read per run of windows.
+
+        A run is a sequence of same-size windows on one row, each starting at most one window width
+        after the previous one, at a whole output pixel from the first: GDAL resamples every window
+        on the same source grid, so slicing one decimated read of the run's span gives the pixels
+        each window's own read gives, with the overlap between neighbours resampled only once.
+        """
+        tiles = []
+        for run in window_runs(windows, max_size):
+            col, row, width, height = run[0]
+            out_h, out_w = decimated_shape(width, height, max_size)
+            span = run[-1][0] + width - col
+            rgb, valid = self._read(col, row, span, height, out_h, span * out_w // width)
+            for start in ((c - col) * out_w // width for c, *_ in run):
+                tiles.append((rgb[:, start:start + out_w], valid[:, start:start + out_w]))
+        return tiles
+
+    def _read(self, col: int, row: int, width: int, height: int, out_h: int, out_w: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        resampling = DECIMATION if (out_h, out_w) != (height, width) else Resampling.nearest
         window = Window(col, row, width, height)
         shape = (len(self._unique), out_h, out_w)
         try:

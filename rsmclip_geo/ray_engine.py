@@ -143,12 +143,12 @@ def read_chunks(batch: dict[str, np.ndarray], scenes: dict[str, Scene], windows:
         scene = scenes[fingerprint]
         planned = [TileWindow(*map(int, w)) for w in windows[fingerprint][start:stop]]
         with SceneReader(scene) as reader:
-            chunk = read_chunk(reader, planned, params, info)
-        kept = chunk.windows or [planned[0]]
-        keep = bool(chunk.windows)
+            kept, pixels = read_chunk(reader, planned, params, info)
+        keep = bool(kept)
+        kept = kept or [planned[0]]
         counts = [1] * len(kept)
-        counts[0] += chunk.n_windows - len(kept)
-        pixels = chunk.pixels if keep else np.zeros((1, 3, info.image_size, info.image_size), np.float32)
+        counts[0] += len(planned) - len(kept)
+        pixels = pixels if keep else np.zeros((1, 3, info.image_size, info.image_size), np.float32)
         out["scene"] += [fingerprint] * len(kept)
         out["keep"] += [keep] * len(kept)
         out["windows"] += counts

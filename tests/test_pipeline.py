@@ -11,7 +11,7 @@ from rasters import truncated_copy, write_geotiff
 
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RasterError, RsmclipError
-from rsmclip_geo.pipeline import Cancelled, embed_scene
+from rsmclip_geo.pipeline import Cancelled, embed_scene, keep_tile
 from rsmclip_geo.raster import SceneReader, open_scene
 from rsmclip_geo.tiling import TilingParams, tile_windows
 
@@ -36,8 +36,8 @@ def collect(scene, model, **kwargs):
     return out
 
 
-def reader_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("rsmclip-reader")]
+def worker_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("rsmclip-worker")]
 
 
 def test_embeddings_equal_direct_encoding(colorado, model):
@@ -60,7 +60,42 @@ def test_thread_count_does_not_change_results(colorado, model):
     assert one.keys() == three.keys()
     for key in one:
         np.testing.assert_allclose(one[key][1], three[key][1], atol=1e-5)
-    assert not reader_threads()
+    assert not worker_threads()
+
+
+class RecordingModel:
+    """The real model, recording which thread encoded each batch and with how many ORT threads."""
+
+    def __init__(self, model):
+        self.model, self.bundle, self.calls = model, model.bundle, []
+
+    def encode_pixels(self, pixels, threads=None):
+        self.calls.append((threading.current_thread().name, threads))
+        return self.model.encode_pixels(pixels, threads=threads)
+
+
+@pytest.mark.parametrize("threads, session_threads", [(2, 1), (1, None)])
+def test_workers_encode_on_single_threaded_sessions(threads, session_threads, colorado, model):
+    recording = RecordingModel(model)
+    got = collect(colorado, recording, batch_size=4, threads=threads)
+    assert len(recording.calls) == 6 and len(got) == 24
+    assert all(name.startswith("rsmclip-worker-") and used == session_threads for name, used in recording.calls)
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(model.encode_pixels(pixels, threads=1), model.encode_pixels(pixels), atol=1e-5)
+
+
+def test_keep_tile_decides_on_the_valid_pixels_only():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        valid = rng.random((48, 48)) < rng.uniform(0.2, 1.0)
+        rgb = (200 + rng.normal(scale=rng.uniform(0.5, 5.0), size=(48, 48, 3))).clip(0, 255).astype(np.uint8)
+        rgb[~valid] = 0
+        std = float(rgb[valid].std())
+        for min_std in (std * 0.999, std * 1.001):
+            params = TilingParams(tile_size=48, min_valid=0.5, min_std=min_std)
+            expected = valid.mean() >= 0.5 and std >= min_std
+            assert keep_tile(valid, rgb, params) == expected
+    assert not keep_tile(np.zeros((4, 4), bool), np.zeros((4, 4, 3), np.uint8), TilingParams(min_valid=0.0))
 
 
 def test_nodata_and_constant_tiles_are_skipped(tmp_path, model):
@@ -113,7 +148,7 @@ def test_cancel_stops_between_batches(colorado, model):
         for batch in embed_scene(colorado, model, PARAMS, batch_size=2, cancel=cancel):
             seen.append(batch)
     assert 1 <= len(seen) <= 2
-    assert not reader_threads()
+    assert not worker_threads()
 
 
 def test_read_error_reaches_the_caller(shared_data, tmp_path, model):
@@ -122,7 +157,7 @@ def test_read_error_reaches_the_caller(shared_data, tmp_path, model):
     truncated_copy(whole, whole, 0.5)  # the file is cut after the scene was opened
     with pytest.raises(RasterError, match=r"cut\.tif: pixels of window .* truncated or corrupt"):
         collect(scene, model, batch_size=2)
-    assert not reader_threads()
+    assert not worker_threads()
 
 
 def test_bad_batch_size(colorado, model):

@@ -14,7 +14,8 @@ from rasterio.transform import Affine
 from rasters import truncated_copy, write_geotiff
 
 from rsmclip_geo.errors import RasterError
-from rsmclip_geo.raster import SceneReader, open_scene, scene_fingerprint
+from rsmclip_geo.raster import SceneReader, open_scene, scene_fingerprint, window_runs
+from rsmclip_geo.tiling import TilingParams, tile_windows
 
 
 @pytest.fixture
@@ -143,6 +144,31 @@ def test_decimated_reads_match_the_bicubic_resize_models_are_trained_with(shared
     expected = np.asarray(image.resize((64, 64), Image.BICUBIC)).astype(int)
     diff = np.abs(rgb.astype(int) - expected)
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
+
+
+@pytest.mark.parametrize("name, bands", [("fotomap_4band_2cm.tif", None), ("pix4d_farm_rgba_35cm.tif", None),
+                                         ("colorado_rgb_nodata_15cm.tif", None),
+                                         ("rotterdam_tanks_4band_1m.tif", (1, 2, 3))])
+@pytest.mark.parametrize("tile_size, overlap, scales, max_size", [
+    (150, 0.5, (1,), 64),  # the demo model's tiling: 75 px steps are 32 output pixels
+    (64, 0.75, (1, 2), 64),  # no decimation at scale 1, 2× at scale 2
+    (96, 0.3, (1,), 40),  # steps that are not whole output pixels: one read per window
+])
+def test_reading_runs_of_windows_gives_each_windows_own_pixels(geotiff, name, bands, tile_size, overlap, scales,
+                                                                max_size):
+    scene = open_scene(geotiff / name, bands=bands)
+    windows = [(w.col, w.row, w.width, w.height)
+               for w in tile_windows(scene, TilingParams(tile_size=tile_size, overlap=overlap, scales=scales))]
+    runs = window_runs(windows, max_size)
+    assert [w for run in runs for w in run] == windows
+    if (tile_size, overlap) == (150, 0.5):
+        assert len(runs) < len(windows) / 2
+    with SceneReader(scene) as reader:
+        tiles = reader.read_windows(windows, max_size)
+        for window, (rgb, valid) in zip(windows, tiles, strict=True):
+            own_rgb, own_valid = reader.read_rgb(*window, max_size=max_size)
+            np.testing.assert_array_equal(rgb, own_rgb)
+            np.testing.assert_array_equal(valid, own_valid)
 
 
 def test_fingerprint_is_content_based(geotiff, tmp_path):
