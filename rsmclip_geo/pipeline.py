@@ -83,6 +83,19 @@ def read_chunk(reader: SceneReader, windows: Sequence[TileWindow], params: Tilin
     return kept, (preprocess_images(images, info) if images else None)
 
 
+def plan_chunks(windows: Sequence[TileWindow], batch_size: int, workers: int) -> list[list[TileWindow]]:
+    """Consecutive chunks of at most `batch_size` windows, one encoder batch each. Towards the end
+    they shrink (to a quarter of a batch at least) so that the workers finish together, instead of
+    one of them encoding a last full batch alone on a single-threaded session."""
+    chunks, start = [], 0
+    smallest = max(1, batch_size // 4)
+    while start < len(windows):
+        size = min(batch_size, max(smallest, math.ceil((len(windows) - start) / (2 * workers))))
+        chunks.append(list(windows[start:start + size]))
+        start += size
+    return chunks
+
+
 def embed_scene(
     scene: Scene,
     model,
@@ -104,7 +117,7 @@ def embed_scene(
         raise RsmclipError(f"--batch-size {batch_size}: give a positive batch size")
     windows = [w for w in tile_windows(scene, params) if w.tile_id(scene.fingerprint) not in skip]
     total = len(windows)
-    chunks = [windows[i:i + batch_size] for i in range(0, total, batch_size)]
+    chunks = plan_chunks(windows, batch_size, default_threads(threads))
     n_workers = min(default_threads(threads), max(1, len(chunks)))
     info = model.bundle.info
     done = 0

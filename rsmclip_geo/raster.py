@@ -41,6 +41,9 @@ DECIMATION = Resampling.cubic
 #: read once, so a small cache costs no speed. Takes effect when set before GDAL's first read.
 GDAL_CACHE_MB = 256
 os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
+#: Most source pixels one read of a run of windows may span (SceneReader.read_windows): bounds GDAL's
+#: buffers when big tiles (large --tile-size or scales) are read in runs.
+RUN_MAX_PIXELS = 4 * 1024 * 1024
 _FINGERPRINT_CHUNK = 64 * 1024
 _FINGERPRINT_SAMPLES = 16
 
@@ -252,7 +255,8 @@ def window_runs(windows: Sequence[tuple[int, int, int, int]], max_size: int | No
                 ) -> list[list[tuple[int, int, int, int]]]:
     """Consecutive (col, row, width, height) windows grouped into runs that one read can serve
     (SceneReader.read_windows): same row and size, each starting after the previous one by at most
-    one window width, at a whole number of output pixels from the run's first window."""
+    one window width, at a whole number of output pixels from the run's first window, and spanning
+    at most RUN_MAX_PIXELS source pixels."""
     runs: list[list[tuple[int, int, int, int]]] = []
     for window in windows:
         col, row, width, height = window
@@ -260,7 +264,8 @@ def window_runs(windows: Sequence[tuple[int, int, int, int]], max_size: int | No
             first, last = runs[-1][0], runs[-1][-1]
             out_w = decimated_shape(width, height, max_size)[1]
             if ((row, width, height) == first[1:] and 0 < col - last[0] <= width
-                    and (col - first[0]) * out_w % width == 0):
+                    and (col - first[0]) * out_w % width == 0
+                    and (col + width - first[0]) * height <= RUN_MAX_PIXELS):
                 runs[-1].append(window)
                 continue
         runs.append([window])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -207,6 +208,21 @@ def test_console_script_error_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"rsmclip-geo: error: {notes}: cannot be opened")
     assert outputs_in(tmp_path) == ["notes.tif"]
+
+
+def test_closed_stdout_still_gets_the_hits_file_written(city_index, tiny_bundle, tmp_path):
+    """`rsmclip-geo search … | head -1`: the hits file is complete, no traceback, SIGPIPE's exit status."""
+    out = tmp_path / "hits.geojson"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout fails, as after `head` has exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "rsmclip_geo", "search", str(city_index), "forest",
+                                 "--model", str(tiny_bundle), "--top-k", "4", "-o", str(out)],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr
+    assert len(json.loads(out.read_text(encoding="utf-8"))["features"]) == 4
 
 
 def test_index_and_search_run_without_torch(geotiff, tiny_bundle, tmp_path):

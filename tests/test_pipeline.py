@@ -11,7 +11,7 @@ from rasters import truncated_copy, write_geotiff
 
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RasterError, RsmclipError
-from rsmclip_geo.pipeline import Cancelled, embed_scene, keep_tile
+from rsmclip_geo.pipeline import Cancelled, embed_scene, keep_tile, plan_chunks
 from rsmclip_geo.raster import SceneReader, open_scene
 from rsmclip_geo.tiling import TilingParams, tile_windows
 
@@ -78,10 +78,19 @@ class RecordingModel:
 def test_workers_encode_on_single_threaded_sessions(threads, session_threads, colorado, model):
     recording = RecordingModel(model)
     got = collect(colorado, recording, batch_size=4, threads=threads)
-    assert len(recording.calls) == 6 and len(got) == 24
+    assert len(recording.calls) >= 6 and len(got) == 24
     assert all(name.startswith("rsmclip-worker-") and used == session_threads for name, used in recording.calls)
     pixels = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(model.encode_pixels(pixels, threads=1), model.encode_pixels(pixels), atol=1e-5)
+
+
+def test_chunks_shrink_towards_the_end_so_workers_finish_together():
+    windows = list(range(77))
+    chunks = plan_chunks(windows, 32, 2)
+    assert [w for chunk in chunks for w in chunk] == windows
+    assert [len(c) for c in chunks] == [20, 15, 11, 8, 8, 8, 7]
+    assert [len(c) for c in plan_chunks(list(range(1000)), 32, 2)][:27] == [32] * 27
+    assert plan_chunks([], 32, 2) == []
 
 
 def test_keep_tile_decides_on_the_valid_pixels_only():

@@ -171,6 +171,12 @@ def test_reading_runs_of_windows_gives_each_windows_own_pixels(geotiff, name, ba
             np.testing.assert_array_equal(valid, own_valid)
 
 
+def test_runs_of_big_windows_are_bounded():
+    windows = [(col, 0, 1000, 1000) for col in range(0, 10_000, 1000)]
+    assert [len(run) for run in window_runs(windows, 64)] == [4, 4, 2]  # ≤ 4 Mpx of source per read
+    assert [len(run) for run in window_runs([(0, 0, 64, 64), (64, 0, 64, 64), (200, 0, 64, 64)], 64)] == [2, 1]
+
+
 def test_fingerprint_is_content_based(geotiff, tmp_path):
     source = geotiff / "colorado_rgb_15cm.tif"
     copy = shutil.copy(source, tmp_path / "renamed.tif")

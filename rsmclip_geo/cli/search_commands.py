@@ -150,15 +150,22 @@ def print_hits(hits) -> None:
 
 
 def write_outputs(args: argparse.Namespace, hits, index, queries: list[str], model) -> None:
+    """Write the hits file and the heatmap (before anything goes to stdout, which may be closed early)."""
     from rsmclip_geo.api import score_tiles, write_heatmap, write_hits
     from rsmclip_geo.search import query_vectors
 
     if args.output:
         write_hits(hits, args.output)
-        print(f"wrote {len(hits)} hits to {args.output}")
     if getattr(args, "heatmap", None):
         scores = score_tiles(index, query_vectors(model, queries, getattr(args, "lang", None)))
         write_heatmap(index, scores, args.heatmap, scene=getattr(args, "scene", None), queries=queries)
+
+
+def report(args: argparse.Namespace, hits) -> None:
+    """The hits table, then where the hits file went."""
+    print_hits(hits)
+    if args.output:
+        print(f"wrote {len(hits)} hits to {args.output}")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -198,8 +205,8 @@ def cmd_tile_search(args: argparse.Namespace) -> int:
                               lang=args.lang, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                               batch_size=args.batch_size, progress=progress, threads=args.threads)
     progress.finish()
-    print_hits(hits)
     write_outputs(args, hits, index, queries, model)
+    report(args, hits)
     return 0
 
 
@@ -215,8 +222,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     hits = search_index(index, queries, model=model, top_k=args.top_k,
                         threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, lang=args.lang,
                         exact=args.exact, query_cache=QueryCache())
-    print_hits(hits)
     write_outputs(args, hits, index, queries, model)
+    report(args, hits)
     return 0
 
 
@@ -234,10 +241,9 @@ def cmd_similar(args: argparse.Namespace) -> int:
     index = TileIndex.open(args.index)
     hits = similar(index, tile_id=args.tile, image=args.image, model=args.model, top_k=args.top_k,
                    threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, threads=args.threads)
-    print_hits(hits)
     if args.output:
         write_hits(hits, args.output)
-        print(f"wrote {len(hits)} hits to {args.output}")
+    report(args, hits)
     return 0
 
 
