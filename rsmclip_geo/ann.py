@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import shapely
 
 from rsmclip_geo.errors import RsmclipError, TileIndexError
-from rsmclip_geo.index import IndexHeader, replace_directory
+from rsmclip_geo.files import replace_directory
+from rsmclip_geo.index import IndexHeader
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 
 from rsmclip_geo.encoders import Model
 from rsmclip_geo.errors import QueryError
+from rsmclip_geo.files import publish, temp_file
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
     path = Path(path)
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        tmp.write_text(text, encoding="utf-8")
+        publish(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

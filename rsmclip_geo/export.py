@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import shapely
 from rasterio.transform import Affine
 
 from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.files import publish, temp_file
 from rsmclip_geo.index import TileIndex, atomic_write_table, geo_metadata
 from rsmclip_geo.search import HIT_PROPERTIES, Hit
 
@@ -51,12 +51,6 @@ def check_writable(path: Path, formats: Sequence[str] | None = None, option: str
         raise RsmclipError(f"{option} {path}: directory {path.parent} is not writable; choose another output path")
 
 
-def _temp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
     """Write hits as .geojson/.json, .gpkg or .parquet (by suffix), atomically."""
     path = Path(path)
@@ -65,13 +59,13 @@ def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
     if suffix == ".parquet":
         atomic_write_table(_hits_table(hits), path)
         return path
-    tmp = _temp_path(path)
+    tmp = temp_file(path, suffix=path.suffix)
     try:
         if suffix in (".geojson", ".json"):
             tmp.write_text(json.dumps(hits_to_geojson(hits), ensure_ascii=False))
         else:
             _write_gpkg(hits, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -148,13 +142,13 @@ def write_heatmap(
         "crs": rasterio.crs.CRS.from_wkt(record["crs"]), "transform": transform, "nodata": float("nan"),
         "compress": "deflate",
     }
-    tmp = _temp_path(path)
+    tmp = temp_file(path, suffix=path.suffix)
     try:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(grid)
             for band, query in enumerate(queries or [], start=1):
                 dst.set_band_description(band, query)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -26,6 +26,7 @@ from rasterio.transform import Affine
 from rasterio.warp import transform as transform_coords
 
 from rsmclip_geo.errors import RsmclipError, TileIndexError
+from rsmclip_geo.files import publish, replace_directory, temp_file
 from rsmclip_geo.pipeline import CancelCallback, EmbeddedBatch, ProgressCallback, embed_scene
 from rsmclip_geo.raster import Scene, open_scene, window_ring, window_rings
 from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
@@ -133,13 +134,12 @@ def batch_table(batch: EmbeddedBatch, schema: pa.Schema) -> pa.Table:
 
 def atomic_write_table(table: pa.Table, path: Path) -> None:
     """Write a Parquet file through a temporary file in the target directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path, suffix=".tmp")
     try:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -365,17 +365,6 @@ def _write_shard_directory(table: pa.Table, output: Path, metadata: dict) -> Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def replace_directory(tmp: Path, output: Path) -> None:
-    """Move a finished directory `tmp` to `output`, replacing what is there (by renames only)."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def index_files(path: str | os.PathLike) -> list[Path]:

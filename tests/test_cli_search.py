@@ -188,6 +188,27 @@ def test_unwritable_output_path(city_index, tiny_bundle, geotiff, tmp_path, run)
     assert outputs_in(tmp_path) == ["file"]
 
 
+def test_outputs_get_the_usual_permissions(city_index, tiny_bundle, geotiff, tmp_path, run):
+    """Atomic writes go through 0600/0700 temporary files; the outputs end up 0666/0777 less the umask."""
+    previous = os.umask(0o027)
+    try:
+        commands = [
+            ["index", geotiff / "colorado_rgb_15cm.tif", "--tile-size", "64", "-o", tmp_path / "shards"],
+            ["search", city_index, "beach", "-o", tmp_path / "h.geojson", "--heatmap", tmp_path / "h.tif",
+             "--scene", "colorado_rgb_15cm.tif"],
+            ["search", city_index, "beach", "-o", tmp_path / "h.gpkg"],
+            ["search", city_index, "beach", "-o", tmp_path / "h.parquet"],
+        ]
+        for command in commands:
+            assert run(*command, "--model", tiny_bundle)[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes.pop("shards") == 0o750
+    assert set(modes.values()) == {0o640}, modes
+    assert {"h.geojson", "h.tif", "h.gpkg", "h.parquet"} <= modes.keys() and any(k.startswith("shards/") for k in modes)
+
+
 def test_index_from_another_model(city_index, tiny_bundle, tmp_path, run):
     other = shutil.copytree(tiny_bundle, tmp_path / "other-bundle")
     info = json.loads((other / "bundle.json").read_text())

@@ -133,7 +133,7 @@ def test_cli_zero_shot_writes_json_and_confusion_files(tiny_model, small_aid, tm
 
 
 def test_retrieval_on_caption_file_per_language(tiny_model, tiny_bundle, small_aid, tmp_path):
-    images, sentences, sidecar = [], [], []
+    images, sidecar = [], []
     sentid = 0
     for name in CLASSES:
         for path in sorted((small_aid / name).iterdir())[:3]:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.files import publish, temp_file
 from training import data as D
 
 RECALL_KS = (1, 5, 10)
@@ -287,15 +286,12 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
 def write_atomic(path: Path, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp)`` on a temp file in ``path``'s directory, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = temp_file(path, suffix=path.suffix)
     try:
-        writer(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        writer(tmp)
+        publish(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def write_confusion_csv(path: Path, matrix: np.ndarray, classes: Sequence[str]) -> None:

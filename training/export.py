@@ -29,6 +29,7 @@ import torch
 
 from rsmclip_geo import bundle as bundle_format
 from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.files import apply_default_mode
 from training.model import LoadedModel, architecture_payload, create_model, quiet_library_warnings, sha256_file
 
 log = logging.getLogger("training.export")
@@ -510,11 +511,8 @@ def _write_torch_weights(loaded: LoadedModel, directory: Path, dtype: torch.dtyp
 
 def _make_readable(directory: Path) -> None:
     """Give the temp dir (created 0700) and its files the usual permissions under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+    for path in (directory, *directory.iterdir()):
+        apply_default_mode(path)
 
 
 def _move_into_place(work: Path, output: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.files import publish, temp_file
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,12 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, **extra: Any) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": loaded.model.state_dict(), ARCHITECTURE_KEY: architecture_payload(loaded), **extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path)
     try:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 
