@@ -8,6 +8,7 @@ onnxruntime provider names) forces a choice. The torch backend (``backend="torch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 
 from rsmclip_geo.bundle import IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON, TORCH_CONFIG, TORCH_WEIGHTS, Bundle, load_bundle
 from rsmclip_geo.errors import BundleError, RsmclipError
-from rsmclip_geo.preprocess import preprocess_images
+from rsmclip_geo.preprocess import normalize_tiles, prepare_tiles
 from rsmclip_geo.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,13 @@ class _OnnxTower:
         return out
 
 
-class _TorchTowers:
-    """The bundle's weights.safetensors in open_clip (needs the training extra: torch, open_clip)."""
+class TorchTowers:
+    """The bundle's weights.safetensors in open_clip (needs the training extra: torch, open_clip).
+
+    On a CUDA device the towers run in fp16. Tiles go to the device as uint8 from pinned host memory
+    (`image_tiles`), each calling thread on its own CUDA stream, so the copies and the inference of
+    the pipeline's workers overlap; they are normalised on the device.
+    """
 
     def __init__(self, bundle: Bundle, device: str | None) -> None:
         if not bundle.has_torch_weights:
@@ -162,19 +168,46 @@ class _TorchTowers:
             raise RsmclipError("the torch backend needs torch and open_clip (pip install 'rsmclip-geo[train]'); "
                                "or use the onnx backend") from exc
         self._torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = create_model(bundle.file(TORCH_CONFIG), checkpoint=bundle.file(TORCH_WEIGHTS), device=self.device)
-        self.model = loaded.model
-        log.info("torch backend on %s", self.device)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.float16 if self.cuda else torch.float32
+        loaded = create_model(bundle.file(TORCH_CONFIG), checkpoint=bundle.file(TORCH_WEIGHTS), device=str(self.device))
+        self.model = loaded.model.to(self.dtype).eval()
+        info = bundle.info
+        self._mean = torch.tensor(info.mean, dtype=self.dtype, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._scale = 1.0 / (torch.tensor(info.std, dtype=self.dtype, device=self.device).view(1, 3, 1, 1) * 255.0)
+        self._local = threading.local()
+        log.info("torch backend on %s (%s)", self.device, str(self.dtype).removeprefix("torch."))
+
+    def _stream(self) -> Any:
+        """This thread's CUDA stream (a no-op context on the CPU)."""
+        if not self.cuda:
+            return contextlib.nullcontext()
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = self._torch.cuda.Stream(device=self.device)
+        return self._torch.cuda.stream(self._local.stream)
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        tensor = self._torch.from_numpy(np.ascontiguousarray(array))
+        if self.cuda:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=self.cuda)
 
     def image(self, pixels: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            tensor = self._torch.from_numpy(pixels).to(self.device)
+        with self._torch.inference_mode(), self._stream():
+            tensor = self._to_device(pixels).to(self.dtype)
+            return self.model.encode_image(tensor).float().cpu().numpy()
+
+    def image_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 [B,S,S,3] -> image embeddings; scaling and normalisation on the device."""
+        with self._torch.inference_mode(), self._stream():
+            tensor = self._to_device(tiles).permute(0, 3, 1, 2).to(self.dtype)
+            tensor = ((tensor - self._mean) * self._scale).contiguous()
             return self.model.encode_image(tensor).float().cpu().numpy()
 
     def text(self, ids: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            tensor = self._torch.from_numpy(ids).to(self.device)
+        with self._torch.inference_mode(), self._stream():
+            tensor = self._to_device(ids)
             return self.model.encode_text(tensor).float().cpu().numpy()
 
 
@@ -192,9 +225,9 @@ class Model:
         self.backend = backend
         self.batch_size = int(batch_size)
         self._tokenizer: TextTokenizer | None = None
-        self._torch: _TorchTowers | None = None
+        self._torch: TorchTowers | None = None
         if backend == "torch":
-            self._torch = _TorchTowers(bundle, device)
+            self._torch = TorchTowers(bundle, device)
         else:
             resolved, forced = resolve_providers(providers)
             self._image = _OnnxTower(bundle, IMAGE_ONNX, "pixels", resolved, forced, threads)
@@ -222,9 +255,23 @@ class Model:
         count = len(images)
         if count == 0:
             raise RsmclipError("images: no images given")
-        parts = [self.encode_pixels(preprocess_images(images[start:start + self.batch_size], self.info))
+        parts = [self.encode_tiles(prepare_tiles(images[start:start + self.batch_size], self.info))
                  for start in range(0, count, self.batch_size)]
         return np.concatenate(parts)
+
+    def encode_tiles(self, tiles: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+        """uint8 [B,S,S,3] tiles at the model's input size (`prepare_tiles`) -> float32 [B,D], L2-normalised.
+
+        One encoder batch: the caller chooses its size (the pipeline's --batch-size chunks). ONNX
+        Runtime gets the tiles normalised on the CPU; the torch backend copies them to its device as
+        uint8 (a quarter of the float32 bytes) and normalises them there. `threads` as in `encode_pixels`.
+        """
+        size = self.info.image_size
+        if tiles.ndim != 4 or tiles.shape[1:] != (size, size, 3) or tiles.dtype != np.uint8:
+            raise RsmclipError(f"tiles: expected uint8 [B,{size},{size},3], got {tiles.dtype} {tiles.shape}")
+        if self._torch:
+            return l2_normalize(self._torch.image_tiles(tiles))
+        return l2_normalize(self._image.run(normalize_tiles(tiles, self.info), threads))
 
     def encode_pixels(self, pixels: np.ndarray, *, threads: int | None = None) -> np.ndarray:
         """Preprocessed float32 [B,3,S,S] -> float32 [B,D], L2-normalised.
@@ -261,6 +308,11 @@ class Model:
         if length is not None and ids.shape[1] < length:
             ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=self.info.pad_id)
         return self._text.run(ids)
+
+    @property
+    def torch_towers(self) -> TorchTowers | None:
+        """The torch backend's towers (open_clip `model`, `device`, `dtype`); None on ONNX Runtime."""
+        return self._torch
 
     @property
     def providers(self) -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.preprocess import preprocess_images
+from rsmclip_geo.preprocess import prepare_tiles
 from rsmclip_geo.raster import Scene, SceneReader
 from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
 
@@ -73,22 +73,22 @@ def keep_tile(valid: np.ndarray, rgb: np.ndarray, params: TilingParams) -> bool:
 
 def read_chunk(reader: SceneReader, windows: Sequence[TileWindow], params: TilingParams,
                info) -> tuple[list[TileWindow], np.ndarray | None]:
-    """Read, filter and preprocess one chunk of windows: (kept windows, float32 model input or None)."""
+    """Read, filter and prepare one chunk of windows: (kept windows, uint8 [B,S,S,3] model-size tiles or None)."""
     kept, images = [], []
     tiles = reader.read_windows([(w.col, w.row, w.width, w.height) for w in windows], max_size=info.image_size)
     for w, (rgb, valid) in zip(windows, tiles):
         if keep_tile(valid, rgb, params):
             kept.append(w)
             images.append(rgb)
-    return kept, (preprocess_images(images, info) if images else None)
+    return kept, (prepare_tiles(images, info) if images else None)
 
 
 def plan_chunks(windows: Sequence[TileWindow], batch_size: int, workers: int) -> list[list[TileWindow]]:
-    """Consecutive chunks of at most `batch_size` windows, one encoder batch each. Towards the end
-    they shrink (to a quarter of a batch at least) so that the workers finish together, instead of
-    one of them encoding a last full batch alone on a single-threaded session."""
+    """Consecutive chunks of at most `batch_size` windows, one encoder batch each. With several
+    workers they shrink towards the end (to a quarter of a batch at least) so that the workers finish
+    together, instead of one of them encoding a last full batch alone on a single-threaded session."""
     chunks, start = [], 0
-    smallest = max(1, batch_size // 4)
+    smallest = batch_size if workers == 1 else max(1, batch_size // 4)
     while start < len(windows):
         size = min(batch_size, max(smallest, math.ceil((len(windows) - start) / (2 * workers))))
         chunks.append(list(windows[start:start + size]))
@@ -148,8 +148,8 @@ def embed_scene(
                         chunk = next(next_chunk, None)
                     if chunk is None:
                         break
-                    kept, pixels = read_chunk(reader, chunk, params, info)
-                    embeddings = None if pixels is None else model.encode_pixels(pixels, threads=encode_threads)
+                    kept, tiles = read_chunk(reader, chunk, params, info)
+                    embeddings = None if tiles is None else model.encode_tiles(tiles, threads=encode_threads)
                     put(EmbeddedBatch(scene, kept, embeddings, len(chunk)))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(exc)

@@ -102,17 +102,27 @@ def center_crop(batch: np.ndarray, size: int) -> np.ndarray:
 
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], info: BundleInfo | Any) -> np.ndarray:
     """uint8 images (array [B,H,W,3] or list of HxWx3 arrays, any sizes) -> float32 [B,3,S,S] model input."""
+    return normalize_tiles(prepare_tiles(images, info), info)
+
+
+def prepare_tiles(images: np.ndarray | Sequence[np.ndarray], info: BundleInfo | Any) -> np.ndarray:
+    """uint8 images (array [B,H,W,3] or list of HxWx3 arrays, any sizes) -> uint8 [B,S,S,3] at the model's
+    input size: resized and centre-cropped, not yet normalised."""
     size = int(info.image_size)
     groups = _group_by_shape(images)
-    out = np.empty((sum(len(idx) for idx, _ in groups.values()), 3, size, size), dtype=np.float32)
-    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(info.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    out = np.empty((sum(len(idx) for idx, _ in groups.values()), size, size, 3), dtype=np.uint8)
     for (height, width), (indices, batch) in groups.items():
         new_h, new_w = resized_size(height, width, size, info.resize)
-        batch = center_crop(resize_batch(batch, new_h, new_w, info.interpolation), size)
-        pixels = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-        out[indices] = (pixels - mean) / std
+        out[indices] = center_crop(resize_batch(batch, new_h, new_w, info.interpolation), size)
     return out
+
+
+def normalize_tiles(tiles: np.ndarray, info: BundleInfo | Any) -> np.ndarray:
+    """uint8 [B,S,S,3] tiles -> float32 [B,3,S,S]: scaled to [0, 1], minus the mean, over the std."""
+    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(info.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    pixels = tiles.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return (pixels - mean) / std
 
 
 def _group_by_shape(images: np.ndarray | Sequence[np.ndarray]) -> dict[tuple[int, int], tuple[list[int], np.ndarray]]:

@@ -3,7 +3,7 @@
 The same job as `rsmclip_geo.index.index_scenes`, spread over a Ray cluster (a local one by default):
 
   driver   plan_index(): every check, band mapping, per-scene stretch and the tile plan
-  tasks    read_chunks(): windowed reads, skip rules and preprocessing of one chunk of windows
+  tasks    read_chunks(): windowed reads, skip rules and model-size uint8 tiles of one chunk of windows
   actors   TileEncoder: the model loaded once per actor (one per GPU or CPU slot), one encoder batch a call
   driver   result batches stream back into the resume shards (ShardWriter), then assemble()
 
@@ -133,35 +133,35 @@ def chunk_rows(job: IndexJob, done_ids: dict[str, set[str]], batch_size: int) ->
 
 def read_chunks(batch: dict[str, np.ndarray], scenes: dict[str, Scene], windows: dict[str, np.ndarray],
                 params: TilingParams, info) -> dict[str, np.ndarray]:
-    """Ray task: read, filter and preprocess chunks of windows (the single-process reader's `read_chunk`).
+    """Ray task: read, filter and prepare chunks of windows (the single-process worker's `read_chunk`).
 
     One output row per kept tile; `windows` counts the windows each row accounts for (kept or
     skipped, for progress), and a chunk with no kept tile gives one row with keep=False.
     """
-    out: dict[str, list] = {name: [] for name in ("scene", "keep", "windows", "pixels", *_WINDOW_COLUMNS)}
+    out: dict[str, list] = {name: [] for name in ("scene", "keep", "windows", "tiles", *_WINDOW_COLUMNS)}
     for fingerprint, start, stop in zip(batch["scene"], batch["start"], batch["stop"]):
         scene = scenes[fingerprint]
         planned = [TileWindow(*map(int, w)) for w in windows[fingerprint][start:stop]]
         with SceneReader(scene) as reader:
-            kept, pixels = read_chunk(reader, planned, params, info)
+            kept, tiles = read_chunk(reader, planned, params, info)
         keep = bool(kept)
         kept = kept or [planned[0]]
         counts = [1] * len(kept)
         counts[0] += len(planned) - len(kept)
-        pixels = pixels if keep else np.zeros((1, 3, info.image_size, info.image_size), np.float32)
+        tiles = tiles if keep else np.zeros((1, info.image_size, info.image_size, 3), np.uint8)
         out["scene"] += [fingerprint] * len(kept)
         out["keep"] += [keep] * len(kept)
         out["windows"] += counts
-        out["pixels"].append(pixels)
+        out["tiles"].append(tiles)
         for name in _WINDOW_COLUMNS:
             out[name] += [getattr(w, name) for w in kept]
-    result = {name: np.asarray(values) for name, values in out.items() if name != "pixels"}
-    result["pixels"] = np.concatenate(out["pixels"])
+    result = {name: np.asarray(values) for name, values in out.items() if name != "tiles"}
+    result["tiles"] = np.concatenate(out["tiles"])
     return result
 
 
 class TileEncoder:
-    """Ray actor: the bundle's image tower, loaded once; embeds one batch of preprocessed tiles a call."""
+    """Ray actor: the bundle's image tower, loaded once; embeds one batch of model-size uint8 tiles a call."""
 
     def __init__(self, bundle: str, fingerprint: str, providers: list[str] | None, threads: int):
         from rsmclip_geo.encoders import load_model
@@ -175,8 +175,8 @@ class TileEncoder:
         keep = batch["keep"].astype(bool)
         embedding = np.zeros((len(keep), self.model.bundle.info.embed_dim), dtype=np.float32)
         if keep.any():
-            embedding[keep] = self.model.encode_pixels(batch["pixels"][keep])
-        result = {name: values for name, values in batch.items() if name != "pixels"}
+            embedding[keep] = self.model.encode_tiles(batch["tiles"][keep])
+        result = {name: values for name, values in batch.items() if name != "tiles"}
         result["embedding"] = embedding
         return result
 

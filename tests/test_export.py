@@ -190,6 +190,44 @@ def test_torch_backend_agrees_with_onnx(tiny_bundle: Path, shared_data: Path) ->
         assert np.sum(a * b, axis=1).min() >= 0.99999
 
 
+def test_pipeline_on_the_torch_backend_matches_onnx(tiny_bundle: Path, shared_data: Path) -> None:
+    """Worker threads sending uint8 tiles to the torch towers (normalised there) embed like ONNX Runtime."""
+    from rsmclip_geo.pipeline import embed_scene
+    from rsmclip_geo.raster import open_scene
+    from rsmclip_geo.tiling import TilingParams
+
+    scene = open_scene(shared_data / "geotiff" / "pix4d_farm_rgba_35cm.tif")
+    params = TilingParams(tile_size=96, overlap=0.5, scales=(1, 2))
+    embedded = {}
+    for model in (load_model(tiny_bundle, providers=["cpu"]), load_model(tiny_bundle, backend="torch", device="cpu")):
+        embedded[model.backend] = {w.tile_id(scene.fingerprint): v for batch in embed_scene(scene, model, params,
+                                                                                         batch_size=16, threads=3)
+                                   for w, v in zip(batch.windows, batch.embeddings)}
+    assert embedded["onnx"].keys() == embedded["torch"].keys() and len(embedded["onnx"]) > 50
+    cosines = [float(embedded["onnx"][k] @ embedded["torch"][k]) for k in embedded["onnx"]]
+    assert min(cosines) >= 0.99999
+
+
+def test_cli_index_on_the_torch_backend(tiny_bundle: Path, shared_data: Path, tmp_path: Path, capsys) -> None:
+    from rsmclip_geo.cli import main
+    from rsmclip_geo.index import TileIndex
+
+    scene = shared_data / "geotiff" / "colorado_rgb_15cm.tif"
+    common = [str(scene), "--model", str(tiny_bundle), "--tile-size", "64"]
+    assert main(["-q", "index", *common, "--backend", "torch", "--device", "cpu", "-o", str(tmp_path / "t.parquet")]) == 0
+    assert main(["-q", "index", *common, "-o", str(tmp_path / "o.parquet")]) == 0
+    torch_index, onnx_index = TileIndex.open(tmp_path / "t.parquet"), TileIndex.open(tmp_path / "o.parquet")
+    assert torch_index.column("tile_id").tolist() == onnx_index.column("tile_id").tolist()
+    np.testing.assert_allclose(torch_index.embeddings().astype(np.float32), onnx_index.embeddings().astype(np.float32),
+                               atol=2e-3)
+    capsys.readouterr()
+    assert main(["index", *common, "--backend", "torch", "--engine", "ray", "-o", str(tmp_path / "r")]) == 2
+    assert main(["index", *common, "--device", "cpu", "-o", str(tmp_path / "d.parquet")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == ["rsmclip-geo: error: --backend torch runs with --engine local (Ray encoder actors use ONNX Runtime)",
+                      "rsmclip-geo: error: --device needs --backend torch"]
+
+
 def test_parity_on_real_aid_images(tiny_bundle: Path, tiny_model, shared_data: Path) -> None:
     """Beyond the packaged probes: torch + open_clip transform vs runtime preprocessing + ONNX, 30 AID classes."""
     from PIL import Image

@@ -36,10 +36,10 @@ class CountingModel:
         self.model, self.bundle, self.encoded = model, model.bundle, 0
         self._lock = threading.Lock()
 
-    def encode_pixels(self, pixels, **options):
+    def encode_tiles(self, tiles, **options):
         with self._lock:
-            self.encoded += len(pixels)
-        return self.model.encode_pixels(pixels, **options)
+            self.encoded += len(tiles)
+        return self.model.encode_tiles(tiles, **options)
 
 
 @pytest.fixture(scope="module")

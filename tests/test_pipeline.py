@@ -67,11 +67,12 @@ class RecordingModel:
     """The real model, recording which thread encoded each batch and with how many ORT threads."""
 
     def __init__(self, model):
-        self.model, self.bundle, self.calls = model, model.bundle, []
+        self.model, self.bundle, self.calls, self.sizes = model, model.bundle, [], []
 
-    def encode_pixels(self, pixels, threads=None):
+    def encode_tiles(self, tiles, threads=None):
         self.calls.append((threading.current_thread().name, threads))
-        return self.model.encode_pixels(pixels, threads=threads)
+        self.sizes.append(len(tiles))
+        return self.model.encode_tiles(tiles, threads=threads)
 
 
 @pytest.mark.parametrize("threads, session_threads", [(2, 1), (1, None)])
@@ -84,6 +85,12 @@ def test_workers_encode_on_single_threaded_sessions(threads, session_threads, co
     np.testing.assert_allclose(model.encode_pixels(pixels, threads=1), model.encode_pixels(pixels), atol=1e-5)
 
 
+def test_one_encoder_batch_per_chunk_whatever_the_models_batch_size(colorado, tiny_bundle):
+    recording = RecordingModel(load_model(tiny_bundle, threads=2, batch_size=1))
+    got = collect(colorado, recording, batch_size=12, threads=1)
+    assert recording.sizes == [12, 12] and len(got) == 24
+
+
 def test_chunks_shrink_towards_the_end_so_workers_finish_together():
     windows = list(range(77))
     chunks = plan_chunks(windows, 32, 2)
@@ -91,6 +98,7 @@ def test_chunks_shrink_towards_the_end_so_workers_finish_together():
     assert [len(c) for c in chunks] == [20, 15, 11, 8, 8, 8, 7]
     assert [len(c) for c in plan_chunks(list(range(1000)), 32, 2)][:27] == [32] * 27
     assert plan_chunks([], 32, 2) == []
+    assert [len(c) for c in plan_chunks(windows, 32, 1)] == [32, 32, 13]
 
 
 def test_keep_tile_decides_on_the_valid_pixels_only():

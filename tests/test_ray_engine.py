@@ -199,7 +199,7 @@ def test_stages_chained_in_process_give_the_local_index(scenes, model, tmp_path)
         encoder = ray_engine.TileEncoder(str(model.bundle.path), model.bundle.fingerprint, ["cpu"], 1)
         for start in range(0, len(tiles["keep"]), 16):
             result = encoder({name: values[start:start + 16] for name, values in tiles.items()})
-            assert "pixels" not in result
+            assert "tiles" not in result
             for batch in ray_engine.embedded_batches(result, scene_table):
                 writer.add(batch_table(batch, job.schema))
     chained = TileIndex.open(job.output)

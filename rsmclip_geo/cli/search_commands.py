@@ -77,6 +77,28 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
 RAY_DEFAULTS = dict(address=None, workers=None, cpus_per_worker=1.0, gpus_per_worker=None)
 
 
+def add_backend_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backend")
+    group.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                       help="torch runs the bundle's weights.safetensors, in fp16 on a GPU (needs torch + open_clip)")
+    group.add_argument("--device", help="torch device, e.g. cuda or cuda:1 (default: cuda when available, else cpu)")
+
+
+def indexing_model(args: argparse.Namespace):
+    """The model to index with: a loaded torch-backend model, or the --model argument for the indexer to load."""
+    from rsmclip_geo.index import resolve_model
+
+    if args.backend == "torch":
+        from rsmclip_geo.encoders import load_model
+
+        if getattr(args, "engine", "local") == "ray":
+            raise RsmclipError("--backend torch runs with --engine local (Ray encoder actors use ONNX Runtime)")
+        return load_model(args.model, backend="torch", device=args.device, batch_size=args.batch_size)
+    if args.device:
+        raise RsmclipError("--device needs --backend torch")
+    return resolve_model(args.model, args.threads)
+
+
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (see docs/scale.md)")
     group.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -177,7 +199,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise RsmclipError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --engine ray")
     params = tiling_params(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    options = dict(model=args.model, tiling=params, bands=bands_option(args), batch_size=args.batch_size,
+    model = indexing_model(args) if args.backend == "torch" or args.device else args.model
+    options = dict(model=model, tiling=params, bands=bands_option(args), batch_size=args.batch_size,
                    progress=progress, threads=args.threads)
     if args.engine == "ray":
         output = index_scenes_ray(args.scenes, args.output, **ray_options, **options)
@@ -190,7 +213,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_tile_search(args: argparse.Namespace) -> int:
     from rsmclip_geo.api import open_scene, tile_search
-    from rsmclip_geo.index import resolve_model
 
     queries = read_queries(args)
     if args.output is None:
@@ -198,7 +220,7 @@ def cmd_tile_search(args: argparse.Namespace) -> int:
     check_outputs(args)
     params = tiling_params(args)
     scene = open_scene(args.scene, bands=bands_option(args))
-    model = resolve_model(args.model, args.threads)
+    model = indexing_model(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
     hits, index = tile_search(scene, queries, model=model, tiling=params, bands=bands_option(args),
                               top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
@@ -255,6 +277,7 @@ def register(subparsers) -> None:
     p.add_argument("scenes", nargs="+", metavar="SCENE", help="GeoTIFF scenes (CRSs may differ)")
     p.add_argument("-o", "--output", required=True, help="index file (.parquet) or directory of shards")
     add_model_options(p)
+    add_backend_options(p)
     add_tiling_options(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_index)
@@ -267,6 +290,7 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", help="index cache (default $RSMCLIP_GEO_CACHE or ~/.cache/rsmclip-geo)")
     p.add_argument("--no-cache", action="store_true", help="index in a temporary directory, keep nothing")
     add_model_options(p)
+    add_backend_options(p)
     add_tiling_options(p)
     add_search_options(p)
     p.set_defaults(func=cmd_tile_search)
