@@ -117,8 +117,9 @@ def embed_scene(
         raise RsmclipError(f"--batch-size {batch_size}: give a positive batch size")
     windows = [w for w in tile_windows(scene, params) if w.tile_id(scene.fingerprint) not in skip]
     total = len(windows)
-    chunks = plan_chunks(windows, batch_size, default_threads(threads))
-    n_workers = min(default_threads(threads), max(1, len(chunks)))
+    threads = default_threads(threads)
+    chunks = plan_chunks(windows, batch_size, threads)
+    n_workers = min(threads, max(1, len(chunks)))
     info = model.bundle.info
     done = 0
     if progress:

@@ -86,8 +86,6 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 def indexing_model(args: argparse.Namespace):
     """The model to index with: a loaded torch-backend model, or the --model argument for the indexer to load."""
-    from rsmclip_geo.index import resolve_model
-
     if args.backend == "torch":
         from rsmclip_geo.encoders import load_model
 
@@ -96,7 +94,7 @@ def indexing_model(args: argparse.Namespace):
         return load_model(args.model, backend="torch", device=args.device, batch_size=args.batch_size)
     if args.device:
         raise RsmclipError("--device needs --backend torch")
-    return resolve_model(args.model, args.threads)
+    return args.model
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -199,8 +197,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise RsmclipError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --engine ray")
     params = tiling_params(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    model = indexing_model(args) if args.backend == "torch" or args.device else args.model
-    options = dict(model=model, tiling=params, bands=bands_option(args), batch_size=args.batch_size,
+    options = dict(model=indexing_model(args), tiling=params, bands=bands_option(args), batch_size=args.batch_size,
                    progress=progress, threads=args.threads)
     if args.engine == "ray":
         output = index_scenes_ray(args.scenes, args.output, **ray_options, **options)
@@ -213,6 +210,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_tile_search(args: argparse.Namespace) -> int:
     from rsmclip_geo.api import open_scene, tile_search
+    from rsmclip_geo.index import resolve_model
 
     queries = read_queries(args)
     if args.output is None:
@@ -220,7 +218,7 @@ def cmd_tile_search(args: argparse.Namespace) -> int:
     check_outputs(args)
     params = tiling_params(args)
     scene = open_scene(args.scene, bands=bands_option(args))
-    model = indexing_model(args)
+    model = resolve_model(indexing_model(args), args.threads)  # loaded here: the heatmap needs it too
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
     hits, index = tile_search(scene, queries, model=model, tiling=params, bands=bands_option(args),
                               top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
