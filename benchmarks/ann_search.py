@@ -3,12 +3,9 @@
 1. Mosaic: every AID image (../shared/data/aid, sorted) placed in 150 px cells of one georeferenced
    GeoTIFF (UTM 29N, 4 m/px, JPEG-compressed, 256 px blocks), sized so that its tiles number ≥ --rows.
 2. Tile index: 64 px tiles at 75 % overlap and scales 1-5 (64…320 px windows, decimated to the
-   model's input by the runtime's reader, GDAL cubic resampling) embedded with the
-   runtime's preprocessing and image encoder, written as a sharded GeoParquet index through the
-   project's writer (plan_index → ShardWriter → assemble). Windows are read as strips of one window
-   row (the decimated pixels of per-window reads, up to the filter's reach across window edges; far
-   fewer GDAL calls); an interrupted run resumes from its shards, and a finished index in --work-dir
-   is reused.
+   model's input with GDAL cubic resampling) built by the project's indexer (`index_scenes`: the
+   runtime's reads, preprocessing, image encoder and sharded GeoParquet writer); an interrupted run
+   resumes from its shards, and a finished index in --work-dir is reused.
 3. ANN index: `build_ann` in a child process (build time and peak RSS), index size on disk.
 4. Queries: the AID class names of training/vocab/aid_classes.yaml in all ten languages, encoded by
    the text tower (time per query reported separately, uncached and from the query cache).
@@ -93,54 +90,22 @@ def write_mosaic(images: list[Path], output: Path, side: int) -> Path:
 
 
 def build_index(mosaic: Path, output: Path, model) -> Path:
-    """Embed every window of the mosaic through the project's writer (resumable); returns the index path."""
-    from rsmclip_geo.index import batch_table, plan_index
-    from rsmclip_geo.pipeline import EmbeddedBatch, keep_tile
-    from rsmclip_geo.preprocess import preprocess_images
-    from rsmclip_geo.raster import SceneReader
+    """Embed every window of the mosaic with the project's indexer (resumable); returns the index path."""
+    from rsmclip_geo.index import index_scenes
     from rsmclip_geo.tiling import TilingParams
 
     if output.is_dir():
         return output
-    job = plan_index([mosaic], output, model=model, tiling=TilingParams(tile_size=TILE, overlap=OVERLAP, scales=SCALES))
-    (scene, windows), = job.plans
-    info = model.bundle.info
     start = reported = time.perf_counter()
-    encoded = 0
-    pending_windows, pending_images = [], []
 
-    def encode() -> None:
-        nonlocal pending_windows, pending_images, encoded
-        if pending_images:
-            embeddings = model.encode_pixels(preprocess_images(pending_images, info))
-            writer.add(batch_table(EmbeddedBatch(scene, pending_windows, embeddings, len(pending_windows)), job.schema))
-            encoded += len(pending_windows)
-        pending_windows, pending_images = [], []
+    def progress(done: int, total: int) -> None:
+        nonlocal reported
+        if time.perf_counter() - reported > 60:
+            reported = time.perf_counter()
+            print(f"  embedded {done} / {total} tiles ({done / (reported - start):.0f} tiles/s)", flush=True)
 
-    with job.shards() as (writer, done_ids):
-        done = done_ids.get(scene.fingerprint, set())
-        rows: dict[tuple[int, int], list] = {}
-        for w in windows:
-            if w.tile_id(scene.fingerprint) not in done:
-                rows.setdefault((w.scale, w.row), []).append(w)
-        with SceneReader(scene) as reader:
-            for (scale, row), strip_windows in sorted(rows.items()):
-                edge = TILE * scale
-                strip, valid = reader.read_rgb(0, row, scene.width, edge, max_size=scene.width // scale)
-                for w in strip_windows:
-                    c0 = w.col // scale
-                    rgb, ok = strip[:, c0:c0 + TILE], valid[:, c0:c0 + TILE]
-                    if keep_tile(ok, rgb, job.params):
-                        pending_windows.append(w)
-                        pending_images.append(rgb)
-                    if len(pending_images) >= ENCODE_BATCH:
-                        encode()
-                if time.perf_counter() - reported > 60:
-                    reported = time.perf_counter()
-                    rate = encoded / (reported - start)
-                    print(f"  embedded {len(done) + encoded} / {len(windows)} tiles ({rate:.0f} tiles/s)", flush=True)
-        encode()
-    return output
+    return index_scenes([mosaic], output, model=model, batch_size=ENCODE_BATCH, progress=progress,
+                        tiling=TilingParams(tile_size=TILE, overlap=OVERLAP, scales=SCALES))
 
 
 def child_build_ann(index: Path, kind: str | None) -> dict:
