@@ -11,10 +11,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from rsmclip_geo.bundle import load_bundle
+from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
-from training.export import convert_precision, export_bundle, main as export_main
+from training.export import (
+    INT8_TOP1_GAP,
+    PROBES_DIR,
+    calibration_pixels,
+    check_parity,
+    convert_precision,
+    export_bundle,
+    main as export_main,
+)
 from training.model import create_model
 
 
@@ -166,6 +174,56 @@ def test_int8_quantises_matmuls_and_stays_close(tiny_bundle: Path, tmp_path: Pat
     a, b = fp32.run(None, {"pixels": pixels})[0], int8.run(None, {"pixels": pixels})[0]
     cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.99 and not np.array_equal(a, b)
+
+
+def test_static_int8_quantises_the_demo_models_convolutions_and_stays_close(shared_data: Path, tmp_path: Path) -> None:
+    """Calibrated on AID images, the demo model's image tower gets int8 convolutions (QDQ) and embeds the
+    probe images like fp32."""
+    demo = load_bundle(DEFAULT_MODEL)
+    info = json.loads((demo.path / "bundle.json").read_text(encoding="utf-8"))
+    path = tmp_path / "image.onnx"
+    path.write_bytes((demo.path / "image.onnx").read_bytes())
+    convert_precision(path, "int8", calibration_pixels(shared_data / "aid", info, count=64))
+    graph = onnx.load(str(path)).graph
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    int8_weights = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    conv_weights = {node.input[1] for node in graph.node if node.op_type == "Conv"}
+    assert conv_weights and all(
+        any(w in dequantized and w in int8_weights for w in _producers(graph, name)) for name in conv_weights)
+    pixels = calibration_pixels(PROBES_DIR / "images", info)
+    fp32 = ort.InferenceSession(str(demo.path / "image.onnx"), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    a, b = fp32.run(None, {"pixels": pixels})[0], int8.run(None, {"pixels": pixels})[0]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
+
+
+def _producers(graph, name: str) -> set[str]:
+    """The inputs of the node producing ``name`` (a Conv weight comes out of a DequantizeLinear)."""
+    return {i for node in graph.node if name in node.output for i in node.input}
+
+
+def test_int8_export_with_calibration_images_passes_the_parity_gate(shared_data: Path, tmp_path: Path) -> None:
+    demo = load_bundle(DEFAULT_MODEL).path
+    loaded = create_model(demo / "open_clip_config.json", checkpoint=demo / "weights.safetensors")
+    out = export_bundle(loaded, tmp_path / "int8", precision="int8", calibration_images=shared_data / "aid")
+    info = load_bundle(out).info
+    assert info.raw["quantization"] == {"image": "static, 256 calibration images", "text": "dynamic"}
+    assert info.parity["top1_score_gap"] <= INT8_TOP1_GAP and info.parity["image_min_cosine"] >= 0.99
+    with pytest.raises(RsmclipError, match="--calibration-images applies to --precision int8 only"):
+        export_bundle(loaded, tmp_path / "fp32", calibration_images=shared_data / "aid")
+    with pytest.raises(RsmclipError, match=r"--calibration-images .*empty: no \.jpg/\.jpeg/\.png images found"):
+        export_bundle(loaded, tmp_path / "int8b", precision="int8", calibration_images=tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+
+
+def test_int8_gate_allows_near_ties_and_refuses_a_changed_top1() -> None:
+    """The probes say the same thing in several languages: int8 may swap near-tied sentences, not others."""
+    parity = {"image_min_cosine": 0.995, "text_min_cosine": 0.999, "top1_agreement": 0.9375,
+              "top1_score_gap": 4e-5, "tokenizer_mismatches": 0, "preprocess_max_abs_diff": 0.0}
+    check_parity(parity, "int8")
+    with pytest.raises(RsmclipError, match="top-1 sentence changed to one torch scores 0.0300 below its best"):
+        check_parity({**parity, "top1_score_gap": 0.03}, "int8")
 
 
 def test_low_parity_is_refused_and_nothing_is_written(tiny_model, tmp_path: Path) -> None:
