@@ -60,13 +60,15 @@ def write_mosaic(images: list[Path], output: Path, side: int) -> Path:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
+    from rsmclip_geo.files import publish, temp_file
+
     if output.is_file():
         return output
     cells = -(-side // CELL)
     profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8", "crs": CRS,
                "transform": from_origin(*ORIGIN, PIXEL_M, PIXEL_M), "tiled": True, "blockxsize": 256,
                "blockysize": 256, "compress": "jpeg", "photometric": "ycbcr", "jpeg_quality": 90}
-    tmp = output.with_name(output.name + ".tmp")
+    tmp = temp_file(output, suffix=".tif")
     strip_rows = 1536
     band_cache: dict[int, np.ndarray] = {}
 
@@ -85,7 +87,7 @@ def write_mosaic(images: list[Path], output: Path, side: int) -> Path:
             y1 = min(side, y0 + strip_rows)
             strip = np.concatenate([cell_row(y // CELL)[y % CELL:y % CELL + 1] for y in range(y0, y1)])
             dst.write(strip[:, :side].transpose(2, 0, 1), window=Window(0, y0, side, y1 - y0))
-    tmp.replace(output)
+    publish(tmp, output)
     return output
 
 

@@ -85,7 +85,7 @@ def int8_image_bundle(fp32: Path, output: Path, calibration_images: Path | None 
     export's int8 parity gate is not applied: random weights quantise worse than trained ones and fail
     it, so this benchmark measures and prints the agreement itself."""
     from rsmclip_geo.bundle import BUNDLE_JSON, IMAGE_ONNX, sha256_file
-    from training.export import calibration_pixels, convert_precision
+    from training.export import calibration_pixels, convert_precision, quantization_method
 
     if (output / BUNDLE_JSON).is_file():
         return output
@@ -95,8 +95,7 @@ def int8_image_bundle(fp32: Path, output: Path, calibration_images: Path | None 
     convert_precision(output / IMAGE_ONNX, "int8", calibration)
     info["name"] = f"{info['name']}-int8-image"
     info["precision"] = "int8"
-    info["quantization"] = {"image": "dynamic" if calibration is None else
-                            f"static, {len(calibration)} calibration images", "text": "not quantised"}
+    info["quantization"] = {"image": quantization_method(calibration), "text": "not quantised"}
     info["files"] = {p.name: sha256_file(p) for p in sorted(output.iterdir()) if p.name != BUNDLE_JSON}
     (output / BUNDLE_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return output
@@ -108,6 +107,8 @@ def tiled_mosaic(scene: Path, repeats: int, work: Path) -> Path:
     import rasterio
     from rasterio.windows import Window
 
+    from rsmclip_geo.files import publish, temp_file
+
     output = work / f"{scene.stem}-mosaic{repeats}.tif"
     if repeats == 1 or output.is_file():
         return scene if repeats == 1 else output
@@ -116,13 +117,13 @@ def tiled_mosaic(scene: Path, repeats: int, work: Path) -> Path:
         profile = {**src.profile, "width": src.width * repeats, "height": src.height * repeats, "tiled": True,
                    "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
         profile.pop("photometric", None)  # YCbCr goes with JPEG compression only; the pixels are RGB
-        partial = output.with_name(f".{output.name}.partial")
-        with rasterio.open(partial, "w", driver="GTiff", **{k: v for k, v in profile.items() if k != "driver"}) as dst:
+        tmp = temp_file(output, suffix=".tif")
+        with rasterio.open(tmp, "w", **profile) as dst:
             dst.colorinterp = src.colorinterp
             for i in range(repeats):
                 for j in range(repeats):
                     dst.write(pixels, window=Window(j * src.width, i * src.height, src.width, src.height))
-    partial.replace(output)  # a reused mosaic is always a complete one
+    publish(tmp, output)  # a reused mosaic is always a complete one
     return output
 
 
@@ -220,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="keep exported bundles and indexes here")
     args = parser.parse_args(argv)
 
-    import rasterio
-
     from rsmclip_geo.bundle import load_bundle
     from rsmclip_geo.index import TileIndex
     from rsmclip_geo.raster import open_scene
@@ -264,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"   ratio {rate / naive_rate:.2f}×")
         if "int8" in indexes:
             fp32_index = TileIndex.open(indexes["fp32"])
-            with rasterio.open(args.scene) as src:
-                rows = first_copy_rows(fp32_index, src.width, src.height)
+            rows = first_copy_rows(fp32_index, scene.width // args.mosaic, scene.height // args.mosaic)
             fp32 = fp32_index.embeddings()[rows].astype(np.float32)
             int8 = TileIndex.open(indexes["int8"]).embeddings()[rows].astype(np.float32)
             cosine, top1, top5 = neighbour_agreement(fp32, int8)

@@ -180,7 +180,7 @@ def test_static_int8_quantises_the_demo_models_convolutions_and_stays_close(shar
     """Calibrated on AID images, the demo model's image tower gets int8 convolutions (QDQ) and embeds the
     probe images like fp32."""
     demo = load_bundle(DEFAULT_MODEL)
-    info = json.loads((demo.path / "bundle.json").read_text(encoding="utf-8"))
+    info = demo.info.raw
     path = tmp_path / "image.onnx"
     path.write_bytes((demo.path / "image.onnx").read_bytes())
     convert_precision(path, "int8", calibration_pixels(shared_data / "aid", info, count=64))

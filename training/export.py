@@ -214,6 +214,11 @@ def _calibration_reader(input_name: str, inputs: np.ndarray) -> Any:
     return Batches()
 
 
+def quantization_method(calibration: np.ndarray | None) -> str:
+    """How `convert_precision` quantises a tower to int8 with these calibration inputs (bundle.json's quantization)."""
+    return "dynamic" if calibration is None else f"static, {len(calibration)} calibration images"
+
+
 def calibration_pixels(directory: str | os.PathLike, info: dict[str, Any], count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """Image-tower inputs for static int8 calibration: ``count`` images spread evenly over the sorted image
     files under ``directory``, through the runtime's preprocessing for the bundle.json fields ``info``."""
@@ -514,8 +519,7 @@ def export_bundle(
         raise RsmclipError(f"--model-card {model_card}: no such file; pass the Markdown model card to ship")
     calibration = calibration_pixels(calibration_images, info) if calibration_images is not None else None
     if precision == "int8":
-        info["quantization"] = {"image": "dynamic" if calibration is None else
-                                f"static, {len(calibration)} calibration images", "text": "dynamic"}
+        info["quantization"] = {"image": quantization_method(calibration), "text": quantization_method(None)}
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         (work / bundle_format.TOKENIZER_JSON).write_text(bundle_tokenizer_json(loaded), encoding="utf-8")
