@@ -213,7 +213,7 @@ def test_int8_export_with_calibration_images_passes_the_parity_gate(shared_data:
     with pytest.raises(RsmclipError, match="--calibration-images applies to --precision int8 only"):
         export_bundle(loaded, tmp_path / "fp32", calibration_images=shared_data / "aid")
     with pytest.raises(RsmclipError, match=r"--calibration-images .*empty: no \.jpg/\.jpeg/\.png images found"):
-        export_bundle(loaded, tmp_path / "int8b", precision="int8", calibration_images=tmp_path / "empty")
+        export_bundle(loaded, tmp_path / "new" / "int8b", precision="int8", calibration_images=tmp_path / "empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
 
 

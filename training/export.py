@@ -502,7 +502,6 @@ def export_bundle(
     output = Path(output)
     if output.exists() and not (output.is_dir() and (not any(output.iterdir()) or (output / "bundle.json").is_file())):
         raise RsmclipError(f"-o {output}: exists and is not a bundle directory; choose a new output path")
-    output.parent.mkdir(parents=True, exist_ok=True)
     images, texts = load_probes(Path(probes_dir) if probes_dir else None)
     loaded.model.eval()
     if torch_weights == "fp16":
@@ -520,6 +519,7 @@ def export_bundle(
     calibration = calibration_pixels(calibration_images, info) if calibration_images is not None else None
     if precision == "int8":
         info["quantization"] = {"image": quantization_method(calibration), "text": quantization_method(None)}
+    output.parent.mkdir(parents=True, exist_ok=True)  # after every input check: bad input leaves nothing behind
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         (work / bundle_format.TOKENIZER_JSON).write_text(bundle_tokenizer_json(loaded), encoding="utf-8")
