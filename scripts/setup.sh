@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Install everything from this repository's files:
-#   .venv        the runtime, the training/export extra (torch, open_clip) and the test tools
+#   .venv        the runtime, the training/export extra (torch, open_clip) and the test tools (locks/venv.txt)
 #   QGIS         Debian's python3-qgis (apt-get, when QGIS's Python is missing)
-#   .qgis-venv   QGIS's own Python with the runtime's missing packages, for the plugin suite
+#   .qgis-venv   QGIS's own Python with the runtime's missing packages (locks/qgis-venv.txt), for the plugin suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Every version comes from the locks (locks/, refreshed by scripts/lock.sh); a lock that disagrees
+# with pyproject.toml stops the set-up before anything large is installed.
 python3 -m venv .venv
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[train,dev]"
+.venv/bin/python -m pip install -q -c locks/venv.txt packaging
+.venv/bin/python scripts/check_locks.py
+.venv/bin/python -m pip install -q -c locks/venv.txt -e ".[train,dev]"
 
 if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive

@@ -226,9 +226,21 @@ def test_int8_gate_allows_near_ties_and_refuses_a_changed_top1() -> None:
         check_parity({**parity, "top1_score_gap": 0.03}, "int8")
 
 
+def break_int8(tower: torch.nn.Module) -> None:
+    """Make per-tensor int8 wipe out every MLP of a transformer tower while float stays unchanged: one hidden
+    unit is always exactly 0 (zero weights, bias -100 before GELU) and its output weights are 10,000 times the
+    largest, so the int8 scale rounds every other weight of the layer to zero, on any machine and version."""
+    with torch.no_grad():
+        for block in tower.transformer.resblocks:
+            block.mlp.c_fc.weight[0] = 0.0
+            block.mlp.c_fc.bias[0] = -100.0
+            block.mlp.c_proj.weight[:, 0] = 1e4 * block.mlp.c_proj.weight.abs().max()
+
+
 def test_low_parity_is_refused_and_nothing_is_written(tiny_model, tmp_path: Path) -> None:
-    """The tiny random text tower loses too much under int8: the export must refuse, leaving no files."""
+    """An image tower built to break under int8: the export must refuse, leaving no files."""
     loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    break_int8(loaded.model.visual)
     with pytest.raises(RsmclipError, match="int8 parity check failed.*bundle not written"):
         export_bundle(loaded, tmp_path / "int8", precision="int8")
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the venv for the QGIS plugin suite: QGIS's own Python (/usr/bin/python3) with the system
 # site-packages (Debian's qgis, numpy 1.24, rasterio on the system GDAL), plus only the missing
-# runtime packages, pinned so pip never replaces numpy or brings a second GDAL (no pip rasterio).
+# runtime packages at the versions of locks/qgis-venv.txt (resolved against Debian's stack by scripts/lock.sh),
+# pinned so pip never replaces numpy or brings a second GDAL (no pip rasterio).
 # Usage: bash tests/qgis/setup_venv.sh [VENV_DIR]   (default .qgis-venv)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,8 +16,7 @@ python=${QGIS_PYTHON:-/usr/bin/python3}
 [ -x "$venv/bin/python" ] || "$python" -m venv --system-site-packages "$venv"
 constraints="$venv/constraints.txt"
 "$venv/bin/python" qgis_plugin/rsmclip_search/deps.py --constraints > "$constraints"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" \
-    onnxruntime tokenizers pyarrow shapely pytest
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -r locks/qgis-venv.txt
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 "$venv/bin/python" - <<'PY'
 import sys
