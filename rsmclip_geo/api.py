@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from rsmclip_geo.errors import RsmclipError, TileIndexError
@@ -13,7 +14,7 @@ from rsmclip_geo.export import hits_to_geojson, write_heatmap, write_hits
 from rsmclip_geo.ann import build_ann
 from rsmclip_geo.index import IndexHeader, TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model
 from rsmclip_geo.pipeline import CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, embed_scene
-from rsmclip_geo.raster import Scene, open_scene
+from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
 from rsmclip_geo.ray_engine import index_scenes_ray
 from rsmclip_geo.search import QUERY_CACHE_FILE, Hit, QueryCache, clean_queries, score_tiles, search_index, similar
 from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
@@ -34,6 +35,7 @@ def cached_scene_index(
     model=None,
     tiling: TilingParams = TilingParams(),
     bands: tuple[int, int, int] | None = None,
+    nodata: float | str | None = FILE_NODATA,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     batch_size: int = 32,
@@ -43,9 +45,10 @@ def cached_scene_index(
 ) -> TileIndex:
     """The tile index of one scene from the cache, built (and cached) when missing.
 
-    Cache entries are keyed by scene fingerprint + mtime + bundle fingerprint + tiling parameters.
+    Cache entries are keyed by scene fingerprint + mtime + bands + nodata + bundle fingerprint + tiling
+    parameters. `nodata`: see open_scene (FILE_NODATA, a number, or None to ignore the file's value).
     """
-    scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands)
+    scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands, nodata=nodata)
     model = resolve_model(model, threads)
     params = tiling.resolved(model.bundle.info.default_tile_size)
     options = dict(model=model, tiling=params, batch_size=batch_size, progress=progress, cancel=cancel,
@@ -82,6 +85,7 @@ def tile_search(
     model=None,
     tiling: TilingParams = TilingParams(),
     bands: tuple[int, int, int] | None = None,
+    nodata: float | str | None = FILE_NODATA,
     top_k: int = 10,
     threshold: float | None = None,
     aoi=None,
@@ -94,9 +98,11 @@ def tile_search(
     cancel: CancelCallback | None = None,
     threads: int | None = None,
 ) -> tuple[list[Hit], TileIndex]:
-    """Index one scene (cached) and search it: the hits and the scene's tile index."""
+    """Index one scene (cached) and search it: the hits and the scene's tile index. The hits name the
+    scene by the path given (a Scene by its resolved path), whichever path the cached index recorded."""
     queries = clean_queries(queries)
-    scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands)
+    shown = str(scene.path) if isinstance(scene, Scene) else os.fspath(scene)
+    scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands, nodata=nodata)
     model = resolve_model(model, threads)
     index = cached_scene_index(scene, model=model, tiling=tiling, bands=bands, cache_dir=cache_dir,
                                use_cache=use_cache, batch_size=batch_size, progress=progress, cancel=cancel,
@@ -106,4 +112,4 @@ def tile_search(
         query_cache = QueryCache(Path(cache_dir).expanduser() / QUERY_CACHE_FILE if cache_dir else None)
     hits = search_index(index, queries, model=model, top_k=top_k, threshold=threshold, aoi=aoi,
                         nms_overlap=nms_overlap, lang=lang, query_cache=query_cache)
-    return hits, index
+    return [replace(hit, scene=shown) for hit in hits], index

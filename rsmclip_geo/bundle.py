@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from rsmclip_geo.errors import BundleError
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "rsmclip-demo-aid"
 BUNDLE_JSON = "bundle.json"
@@ -154,11 +158,59 @@ class Bundle:
         return (self.path / TORCH_WEIGHTS).is_file() and (self.path / TORCH_CONFIG).is_file()
 
     def verify(self) -> None:
-        """Re-hash every file listed in bundle.json; raise BundleError on the first mismatch."""
+        """Re-hash every file listed in bundle.json, then run each ONNX tower once on a blank input;
+        BundleError naming the first file that is missing, altered, unloadable or of the wrong size."""
         for name, digest in self.info.files.items():
-            if sha256_file(self.path / name) != digest:
-                raise BundleError(f"{self.path / name}: sha256 differs from bundle.json; the file is corrupt or "
+            path = self.path / name
+            if not path.is_file():
+                raise BundleError(f"{path}: listed in bundle.json but missing; re-export or re-install the bundle")
+            if sha256_file(path) != digest:
+                raise BundleError(f"{path}: sha256 differs from bundle.json; the file is corrupt or "
                                   "was replaced, re-export or re-install the bundle")
+        self._run_towers()
+
+    def _run_towers(self) -> None:
+        """Encode a blank image and a short text on the CPU (checks loading and embed_dim)."""
+        import numpy as np
+
+        from rsmclip_geo.encoders import load_model  # encoders builds on this module
+
+        model = load_model(self, providers=["cpu"], threads=1)
+        size = self.info.image_size
+        try:
+            model.encode_pixels(np.zeros((1, 3, size, size), np.float32))
+            model.encode_texts(["a"])
+        except BundleError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own types when bundle.json and a graph disagree
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{self.path}: the towers fail on a blank input ({reason[:200]}); bundle.json does "
+                              "not match the ONNX graphs, re-export the bundle") from exc
+
+    def outside_vocabulary(self, texts: Sequence[str]) -> list[str]:
+        """The texts sharing no term with the vocabulary the model was trained on (none without a vocabulary)."""
+        terms = vocabulary_terms(str(self.path), self.info.vocabulary)
+        if not terms:
+            return []
+        unknown = []
+        for text in texts:
+            lowered = text.lower()
+            if not any(term in lowered or lowered in term for term in terms):
+                unknown.append(text)
+        return unknown
+
+
+@lru_cache(maxsize=8)
+def vocabulary_terms(bundle_path: str, vocabulary: str | None) -> frozenset[str]:
+    """Lower-cased terms of a bundle's vocabulary.json (all languages); empty when it has none."""
+    if not vocabulary:
+        return frozenset()
+    try:
+        data = json.loads((Path(bundle_path) / vocabulary).read_text(encoding="utf-8"))
+        return frozenset(term.lower() for terms in data["terms"].values() for term in terms)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: vocabulary %s is unreadable; no out-of-vocabulary warnings", bundle_path, vocabulary)
+        return frozenset()
 
 
 def sha256_file(path: Path) -> str:

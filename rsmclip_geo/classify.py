@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rsmclip_geo.display import display_width, fit
 from rsmclip_geo.encoders import Model
 from rsmclip_geo.errors import QueryError
 from rsmclip_geo.files import publish, temp_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def read_labels(labels: Sequence[str] | None, labels_file: str | os.PathLike | N
     if labels_file is not None:
         path = Path(labels_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drops a byte order mark
         except (OSError, UnicodeDecodeError) as exc:
             raise QueryError(f"--labels-file {path}: cannot be read ({type(exc).__name__}); give a UTF-8 text "
                              "file with one label per line") from exc
@@ -77,6 +81,9 @@ def classify_images(model: Model, images: Sequence[str | os.PathLike], labels: S
     """Classify image files against labels, reading and encoding ``batch_size`` images at a time."""
     if not images:
         raise QueryError("IMAGE: give at least one image file")
+    for label in model.bundle.outside_vocabulary(labels):
+        log.warning("label %r contains no term model %r was trained on; its probability may be unreliable",
+                    label[:60], model.bundle.info.name)
     text_embeddings = model.encode_texts(list(labels))
     step = batch_size or model.batch_size
     for start in range(0, len(images), step):
@@ -90,13 +97,13 @@ def classify_images(model: Model, images: Sequence[str | os.PathLike], labels: S
 
 
 def format_table(results: Sequence[Classification], top: int = 3) -> str:
-    """A human-readable table: image, then its ``top`` labels with percentages."""
-    width = max(len(Path(r.image).name) for r in results)
+    """A human-readable table: image, then its ``top`` labels with percentages (names aligned by display width)."""
+    width = max(display_width(Path(r.image).name) for r in results)
     lines = []
     for result in results:
         ranked = sorted(result.probabilities.items(), key=lambda item: -item[1])[:top]
         cells = "  ".join(f"{label} {100 * p:5.1f} %" for label, p in ranked)
-        lines.append(f"{Path(result.image).name:<{width}}  {cells}")
+        lines.append(f"{fit(Path(result.image).name, width)}  {cells}")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from rsmclip_geo.bundle import IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON, TORCH_CONFIG, TORCH_WEIGHTS, Bundle, load_bundle
 from rsmclip_geo.errors import BundleError, RsmclipError
+from rsmclip_geo.pipeline import default_threads
 from rsmclip_geo.preprocess import normalize_tiles, prepare_tiles
 from rsmclip_geo.tokenizer import TextTokenizer
 
@@ -329,5 +330,7 @@ def load_model(model: str | os.PathLike | Bundle | None = None, providers: Seque
                threads: int | None = None, *, backend: str = "onnx", batch_size: int = DEFAULT_BATCH_SIZE,
                device: str | None = None) -> Model:
     """A Model for a bundle path, a bundle name, a loaded Bundle, or None for the default model."""
+    if threads is not None:
+        default_threads(threads)  # a clear error for zero or negative counts
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     return Model(bundle, providers=providers, threads=threads, backend=backend, batch_size=batch_size, device=device)

@@ -16,12 +16,16 @@ from rasterio.transform import Affine
 
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.files import publish, temp_file
-from rsmclip_geo.index import TileIndex, atomic_write_table, geo_metadata
+from rsmclip_geo.index import IndexMetadata, TileIndex, atomic_write_table, geo_metadata
+from rsmclip_geo.raster import scene_fingerprint
 from rsmclip_geo.search import HIT_PROPERTIES, Hit
 
 log = logging.getLogger(__name__)
 
 HIT_FORMATS = (".geojson", ".json", ".gpkg", ".parquet")
+HEATMAP_FORMATS = (".tif", ".tiff")
+#: Heatmap pixels along each tile stride by default, so that overlapping tiles blend.
+HEATMAP_PIXELS_PER_STRIDE = 4
 
 
 def hits_to_geojson(hits: Sequence[Hit]) -> dict:
@@ -52,9 +56,13 @@ def check_writable(path: Path, formats: Sequence[str] | None = None, option: str
 
 
 def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
-    """Write hits as .geojson/.json, .gpkg or .parquet (by suffix), atomically."""
+    """Write hits as .geojson/.json, .gpkg or .parquet (by suffix), atomically; refused when a score is
+    not a finite number (GeoJSON has no NaN)."""
     path = Path(path)
     check_writable(path, HIT_FORMATS)
+    if not np.isfinite([hit.score for hit in hits]).all():
+        raise RsmclipError(f"-o {path}: a hit score is not a finite number (a damaged index or model); "
+                           "nothing written, check the index with `rsmclip-geo index --verify`")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         atomic_write_table(_hits_table(hits), path)
@@ -97,13 +105,18 @@ def _write_gpkg(hits: Sequence[Hit], path: Path) -> None:
     frame.to_file(path, driver="GPKG", layer="hits")
 
 
-def heatmap_grid(index: TileIndex, fingerprint: str) -> tuple[int, int, int]:
-    """Cell size (pixels) and grid shape (width, height) of a scene's heatmap: the scale-1 tile stride."""
+def heatmap_grid(index: TileIndex, fingerprint: str, cell: int | None = None) -> tuple[int, int, int]:
+    """Pixel size (scene pixels) and grid shape (width, height) of a scene's heatmap: `cell`, else
+    1/HEATMAP_PIXELS_PER_STRIDE of the scale-1 tile stride."""
     record = index.scenes[fingerprint]
-    rows = index.column("scene_fingerprint") == fingerprint
-    widths = index.column("win_width")[rows]
-    smallest = int(widths.min()) if len(widths) else int(record["width"])
-    cell = max(1, round(smallest * (1.0 - index.tiling.overlap)))
+    if cell is None:
+        rows = index.column("scene_fingerprint") == fingerprint
+        widths = index.column("win_width")[rows]
+        smallest = int(widths.min()) if len(widths) else int(record["width"])
+        stride = max(1, round(smallest * (1.0 - index.tiling.overlap)))
+        cell = max(1, round(stride / HEATMAP_PIXELS_PER_STRIDE))
+    elif isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+        raise RsmclipError(f"cell={cell!r}: give the heatmap's pixel size as a whole number of scene pixels, 1 or more")
     return cell, -(-int(record["width"]) // cell), -(-int(record["height"]) // cell)
 
 
@@ -114,27 +127,34 @@ def write_heatmap(
     *,
     scene: str | None = None,
     queries: Sequence[str] | None = None,
+    cell: int | None = None,
 ) -> Path:
-    """Float32 GeoTIFF in the scene CRS, one band per query: each cell holds the best score of the
+    """Float32 GeoTIFF in the scene CRS, one band per query: each pixel holds the mean score of the
     tiles covering its centre (NaN where no tile was kept). `scene` (fingerprint or path) picks one
-    scene of a multi-scene index."""
+    scene of a multi-scene index; `cell` is the pixel size in scene pixels (default: heatmap_grid)."""
     path = Path(path)
-    check_writable(path, (".tif", ".tiff"), option="--heatmap")
+    fingerprint = check_heatmap(index, path, scene=scene)
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float32))
-    fingerprint = _pick_scene(index, scene)
     record = index.scenes[fingerprint]
-    cell, width, height = heatmap_grid(index, fingerprint)
+    cell, width, height = heatmap_grid(index, fingerprint, cell)
     rows = np.flatnonzero(index.column("scene_fingerprint") == fingerprint)
-    windows = np.column_stack([index.column(c)[rows] for c in ("win_col", "win_row", "win_width", "win_height")])
+    col, row, w, h = (index.column(c)[rows] for c in ("win_col", "win_row", "win_width", "win_height"))
     centres_x = np.minimum((np.arange(width) + 0.5) * cell, record["width"] - 0.5)
     centres_y = np.minimum((np.arange(height) + 0.5) * cell, record["height"] - 0.5)
-    grid = np.full((len(scores), height, width), np.nan, dtype=np.float32)
-    for (col, row, w, h), tile_scores in zip(windows, scores[:, rows].T):
-        xs = np.flatnonzero((centres_x >= col) & (centres_x < col + w))
-        ys = np.flatnonzero((centres_y >= row) & (centres_y < row + h))
-        if len(xs) and len(ys):
-            block = grid[:, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-            np.fmax(block, tile_scores[:, None, None], out=block)
+    # Each tile adds its scores (and a count) to the pixels whose centres it covers, [y0:y1, x0:x1]:
+    # +/- at the corners of a difference grid, summed up along both axes.
+    x0, x1 = np.searchsorted(centres_x, col), np.searchsorted(centres_x, col + w)
+    y0, y1 = np.searchsorted(centres_y, row), np.searchsorted(centres_y, row + h)
+    total = np.zeros((len(scores), height + 1, width + 1))
+    count = np.zeros((height + 1, width + 1))
+    tile_scores = scores[:, rows]
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(total, (slice(None), ys, xs), sign * tile_scores)
+        np.add.at(count, (ys, xs), sign)
+    total = total.cumsum(axis=1).cumsum(axis=2)[:, :height, :width]
+    count = count.cumsum(axis=0).cumsum(axis=1)[:height, :width]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        grid = np.where(count > 0.5, total / count, np.nan).astype(np.float32)
     a, b, c, d, e, f = record["transform"][:6]
     transform = Affine(a * cell, b * cell, c, d * cell, e * cell, f)  # scene transform × scale(cell)
     profile = {
@@ -155,7 +175,19 @@ def write_heatmap(
     return path
 
 
-def _pick_scene(index: TileIndex, scene: str | None) -> str:
+def check_heatmap(index: IndexMetadata, path: str | os.PathLike, *, scene: str | None = None) -> str:
+    """The fingerprint of the scene a heatmap of `index` at `path` shows; RsmclipError, before any work,
+    when it cannot be written there (see check_writable), `path` holds one of the index's scenes, or
+    `scene` does not pick one scene."""
+    path = Path(path)
+    check_writable(path, HEATMAP_FORMATS, option="--heatmap")
+    if path.is_file() and os.access(path, os.R_OK) and scene_fingerprint(path) in index.scenes:
+        raise RsmclipError(f"--heatmap {path}: is a scene of {index.path} and would be overwritten; "
+                           "choose another path")
+    return _pick_scene(index, scene)
+
+
+def _pick_scene(index: IndexMetadata, scene: str | None) -> str:
     """Fingerprint of the requested scene (fingerprint, path or file name), or the only scene."""
     if scene is None:
         if len(index.scenes) != 1:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from rsmclip_geo.errors import RsmclipError
 
 
 def current_umask() -> int:
@@ -55,3 +59,17 @@ def replace_directory(tmp: Path, output: Path) -> None:
     os.replace(tmp, output)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's short reason for an OSError ("No space left on device"), else its message."""
+    return os.strerror(exc.errno) if exc.errno else (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
+@contextmanager
+def write_errors(path: Path, advice: str) -> Iterator[None]:
+    """Report an OSError raised while writing `path` (disk full, read-only folder) as one RsmclipError line."""
+    try:
+        yield
+    except OSError as exc:
+        raise RsmclipError(f"{path}: cannot be written ({_os_reason(exc)}); {advice}") from None

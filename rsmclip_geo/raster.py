@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -44,6 +45,13 @@ os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
 #: Most source pixels one read of a run of windows may span (SceneReader.read_windows): bounds GDAL's
 #: buffers when big tiles (large --tile-size or scales) are read in runs.
 RUN_MAX_PIXELS = 4 * 1024 * 1024
+#: `open_scene(nodata=...)` default: the nodata value the file declares (if any).
+FILE_NODATA = "file"
+#: Share of a scene's outermost pixels that, zero in every band of a file declaring no nodata value or
+#: mask, makes open_scene suggest --nodata 0 (the black collar of a reprojected scene).
+COLLAR_WARN_FRACTION = 0.05
+#: Stand-in value of invalid pixels in masked resampling (GDAL leaves nodata pixels out of its kernels).
+_MASKED = float(np.finfo(np.float32).min)
 _FINGERPRINT_CHUNK = 64 * 1024
 _FINGERPRINT_SAMPLES = 16
 
@@ -78,9 +86,10 @@ class Scene:
     transform: tuple[float, ...]
     rgb_bands: tuple[int, int, int]
     alpha_band: int | None
-    nodata: float | None
+    nodata: float | None  # the value that marks invalid pixels: the file's, or the override
     dtype: str
     stretch: tuple[tuple[float, float], ...] | None
+    nodata_overridden: bool = False  # `nodata` replaces the file's nodata value (None: ignores it)
 
     @property
     def crs(self) -> CRS:
@@ -128,19 +137,18 @@ def window_rings(affine: Affine, windows: np.ndarray) -> np.ndarray:
     return np.stack([a * px + b * py + c, d * px + e * py + f], axis=-1)
 
 
-def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None) -> Scene:
-    """Open a raster, choose its RGB bands and dtype stretch; RasterError on unusable input."""
+def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None,
+               nodata: float | str | None = FILE_NODATA) -> Scene:
+    """Open a raster, choose its RGB bands and dtype stretch; RasterError on unusable input.
+
+    `nodata`: FILE_NODATA (the file's own nodata value), a number that replaces it, or None to ignore it.
+    Alpha bands and mask bands of the file always count.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise RasterError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
-    except RasterioError as exc:
-        raise RasterError(
-            f"{path}: cannot be opened as a raster ({_first_line(exc)}); it is not a raster or it is "
-            "truncated or corrupt; give a GeoTIFF") from None
+    if not (nodata is None or nodata == FILE_NODATA or isinstance(nodata, (int, float, np.number))):
+        raise RasterError(f"nodata={nodata!r}: give a number, None (ignore the file's nodata value) "
+                          f"or {FILE_NODATA!r}")
+    src = _open_dataset(path)
     with src:
         if src.crs is None or src.transform == Affine.identity():
             raise RasterError(
@@ -153,14 +161,14 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
             log.warning(
                 "%s is not internally tiled: windowed reads will be slow; convert it with "
                 "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE", path)
-        sample, valid = _decimated_sample(src, rgb, path)
+        overridden = nodata != FILE_NODATA
+        value = src.nodata if not overridden else None if nodata is None else float(nodata)
+        masks = uses_file_masks(src, rgb, overridden)
+        sample, valid = _decimated_sample(src, rgb, path, value, masks)
         if not valid.any():
             raise RasterError(f"{path}: every pixel is nodata or masked; nothing to index")
-        stretch = None
-        if any(src.dtypes[b - 1] != "uint8" for b in rgb):
-            # All-zero pixels are the usual fill of undeclared nodata; keep them out of the stretch.
-            filled = valid & (sample != 0).any(axis=0)
-            stretch = percentile_stretch(sample, filled if filled.any() else valid)
+        if not overridden and not masks:
+            warn_zero_collar(path, sample, valid)
         return Scene(
             path=path.resolve(),
             fingerprint=scene_fingerprint(path),
@@ -170,10 +178,68 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
             transform=tuple(src.transform)[:6],
             rgb_bands=rgb,
             alpha_band=alpha,
-            nodata=src.nodata,
+            nodata=value,
             dtype=src.dtypes[rgb[0] - 1],
-            stretch=stretch,
+            stretch=scene_stretch(src, rgb, sample, valid),
+            nodata_overridden=overridden,
         )
+
+
+def read_image(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None) -> np.ndarray:
+    """uint8 [h,w,3] RGB of an image chip of any band count and dtype (georeferencing not needed), with
+    open_scene's band choice and stretch and invalid pixels black; read at most SAMPLE_SIZE on its long side."""
+    path = Path(path)
+    src = _open_dataset(path)
+    with src:
+        rgb, _ = choose_bands(src, bands, path)
+        sample, valid = _decimated_sample(src, rgb, path, src.nodata, uses_file_masks(src, rgb, False))
+        image = to_uint8(sample, scene_stretch(src, rgb, sample, valid))
+    image[:, ~valid] = 0
+    return np.ascontiguousarray(image.transpose(1, 2, 0))
+
+
+def _open_dataset(path: Path) -> rasterio.DatasetReader:
+    """A raster opened for reading; RasterError for a directory, a missing file or a file GDAL cannot read."""
+    if path.is_dir():
+        raise RasterError(f"{path}: is a directory; give raster files (e.g. {path / '*.tif'})")
+    if not path.is_file():
+        raise RasterError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError as exc:
+        raise RasterError(
+            f"{path}: cannot be opened as a raster ({_first_line(exc)}); it is not a raster or it is "
+            "truncated or corrupt; give a GeoTIFF") from None
+
+
+def uses_file_masks(src: rasterio.DatasetReader, bands: Sequence[int], nodata_overridden: bool) -> bool:
+    """Whether the file's masks (nodata value, alpha band, mask band) tell which pixels of `bands` are valid:
+    not when it has none, nor when an overridden nodata value replaces the file's."""
+    flags = [src.mask_flag_enums[b - 1] for b in bands]
+    if nodata_overridden and any(MaskFlags.nodata in f for f in flags):
+        return False
+    return any(MaskFlags.all_valid not in f for f in flags)
+
+
+def value_validity(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """bool [h,w]: pixels of [bands,h,w] data that are finite in every band and differ from `nodata` in one."""
+    valid = np.ones(data.shape[1:], dtype=bool)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data).all(axis=0)
+    if nodata is not None and not math.isnan(nodata):
+        valid &= (data != nodata).any(axis=0)
+    return valid
+
+
+def warn_zero_collar(path: Path, sample: np.ndarray, valid: np.ndarray) -> None:
+    """Warn when the edge of a scene without nodata value or mask is zero-filled, e.g. a reprojection's collar."""
+    zero = valid & (sample == 0).all(axis=0)
+    edge = np.concatenate([zero[0], zero[-1], zero[1:-1, 0], zero[1:-1, -1]])
+    if edge.mean() >= COLLAR_WARN_FRACTION:
+        log.warning("%s: %.0f %% of the scene's edge is zero in every band but the file declares no nodata "
+                    "value; if that is fill (e.g. a black collar), rerun with --nodata 0", path, 100 * edge.mean())
 
 
 def choose_bands(
@@ -202,22 +268,33 @@ def choose_bands(
 
 
 def _decimated_sample(
-    src: rasterio.DatasetReader, rgb: tuple[int, int, int], path: Path
+    src: rasterio.DatasetReader, rgb: tuple[int, int, int], path: Path, nodata: float | None, masks: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB bands and validity of the whole scene at most SAMPLE_SIZE on a side (uses overviews)."""
+    """RGB bands and validity of the whole scene at most SAMPLE_SIZE on a side (nearest neighbour, uses
+    overviews); `masks`: whether the file's masks count (uses_file_masks)."""
     factor = max(1.0, max(src.width, src.height) / SAMPLE_SIZE)
     shape = (max(1, round(src.height / factor)), max(1, round(src.width / factor)))
     unique = sorted(set(rgb))
     try:
         data = src.read(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
-        masks = src.read_masks(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
+        valid = np.ones(shape, dtype=bool)
+        if masks:
+            valid = (src.read_masks(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest) > 0
+                     ).any(axis=0)
     except RasterioError as exc:
         raise RasterError(f"{path}: pixels cannot be read ({_first_line(exc)}); the file is truncated or corrupt") from None
-    order = [unique.index(b) for b in rgb]
-    data, valid = data[order], (masks > 0).any(axis=0)
-    if np.issubdtype(data.dtype, np.floating):
-        valid &= np.isfinite(data).all(axis=0)
-    return data, valid
+    data = data[[unique.index(b) for b in rgb]]
+    return data, valid & value_validity(data, nodata)
+
+
+def scene_stretch(src: rasterio.DatasetReader, rgb: tuple[int, int, int], sample: np.ndarray,
+                  valid: np.ndarray) -> tuple[tuple[float, float], ...] | None:
+    """The 8-bit stretch of a scene from its decimated sample: None for uint8 bands, else percentiles."""
+    if all(src.dtypes[b - 1] == "uint8" for b in rgb):
+        return None
+    # All-zero pixels are the usual fill of undeclared nodata; keep them out of the stretch.
+    filled = valid & (sample != 0).any(axis=0)
+    return percentile_stretch(sample, filled if filled.any() else valid)
 
 
 def percentile_stretch(sample: np.ndarray, valid: np.ndarray) -> tuple[tuple[float, float], ...]:
@@ -273,7 +350,13 @@ def window_runs(windows: Sequence[tuple[int, int, int, int]], max_size: int | No
 
 
 class SceneReader:
-    """Windowed RGB reads of one scene; use one reader per thread (rasterio handles are not shared)."""
+    """Windowed RGB reads of one scene; use one reader per thread (rasterio handles are not shared).
+
+    Validity is read by nearest neighbour at the resolution of the pixels returned: the file's masks
+    (unless an overridden nodata value replaces them), NaN and the overridden nodata value. Where
+    invalid pixels that GDAL's resampling does not know of (NaN, an overridden value) reach a decimated
+    read, the window is read again at full resolution and resampled with them left out.
+    """
 
     def __init__(self, scene: Scene):
         self.scene = scene
@@ -283,6 +366,10 @@ class SceneReader:
             self._src = rasterio.open(scene.path)
         except RasterioError as exc:
             raise RasterError(f"{scene.path}: cannot be opened ({_first_line(exc)})") from None
+        self._masks = uses_file_masks(self._src, self._unique, scene.nodata_overridden)
+        self._floating = any(np.issubdtype(np.dtype(self._src.dtypes[b - 1]), np.floating) for b in self._unique)
+        self._override = scene.nodata_overridden and scene.nodata is not None
+        self._values = self._floating or self._override
 
     def read_rgb(
         self, col: int, row: int, width: int, height: int, max_size: int | None = None
@@ -314,23 +401,69 @@ class SceneReader:
 
     def _read(self, col: int, row: int, width: int, height: int, out_h: int, out_w: int
               ) -> tuple[np.ndarray, np.ndarray]:
-        resampling = DECIMATION if (out_h, out_w) != (height, width) else Resampling.nearest
         window = Window(col, row, width, height)
-        shape = (len(self._unique), out_h, out_w)
+        shape = (out_h, out_w)
+        decimated = shape != (height, width)
         try:
-            data = self._src.read(self._unique, window=window, out_shape=shape, resampling=resampling)
-            masks = self._src.read_masks(self._unique, window=window, out_shape=shape, resampling=Resampling.nearest)
+            data = self._src.read(self._unique, window=window, out_shape=(len(self._unique), *shape),
+                                  resampling=DECIMATION if decimated else Resampling.nearest)
+            values = self._nearest(window, shape) if decimated and self._values else data
+            valid = self._validity(window, shape, values)
+            if decimated and self._leaked(data, valid):
+                data = self._masked_read(window, shape, values, valid)
         except RasterioError as exc:
             raise RasterError(
                 f"{self.scene.path}: pixels of window col={col} row={row} cannot be read "
                 f"({_first_line(exc)}); the file is truncated or corrupt") from None
-        data = data[self._order]
-        valid = (masks > 0).any(axis=0)
-        if np.issubdtype(data.dtype, np.floating):
-            valid &= np.isfinite(data).all(axis=0)
-        rgb = to_uint8(data, self.scene.stretch)
+        rgb = to_uint8(data[self._order], self.scene.stretch)
         rgb[:, ~valid] = 0
         return np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid
+
+    def _nearest(self, window: Window, shape: tuple[int, int]) -> np.ndarray:
+        """The bands of a window read at `shape` by nearest neighbour."""
+        return self._src.read(self._unique, window=window, out_shape=(len(self._unique), *shape),
+                              resampling=Resampling.nearest)
+
+    def _validity(self, window: Window, shape: tuple[int, int], values: np.ndarray) -> np.ndarray:
+        """bool validity of a window at `shape` from nearest-neighbour reads (`values`: its bands so read)."""
+        valid = np.ones(shape, dtype=bool)
+        if self._masks:
+            masks = self._src.read_masks(self._unique, window=window, out_shape=(len(self._unique), *shape),
+                                         resampling=Resampling.nearest)
+            valid = (masks > 0).any(axis=0)
+        if self._values:
+            valid &= value_validity(values, self.scene.nodata)
+        return valid
+
+    def _leaked(self, data: np.ndarray, valid: np.ndarray) -> bool:
+        """Whether invalid pixels GDAL's resampling does not know of may have reached a decimated read:
+        NaN in valid pixels, or any invalid pixel under an overridden nodata value."""
+        if self._floating and not np.isfinite(data[:, valid]).all():
+            return True
+        return self._override and not valid.all()
+
+    def _masked_read(self, window: Window, shape: tuple[int, int], values: np.ndarray, valid: np.ndarray
+                     ) -> np.ndarray:
+        """A window resampled to `shape` from a nearest read at full resolution (at most RUN_MAX_PIXELS)
+        of it and the margin its resampling reaches into, invalid pixels left out of the resampling.
+        Valid pixels whose kernel holds too few valid pixels keep their nearest-neighbour `values`."""
+        pad = math.ceil(2 * window.width / shape[1]) + 1  # reach of the cubic kernel, in source pixels
+        left, top = max(0, window.col_off - pad), max(0, window.row_off - pad)
+        right = min(self._src.width, window.col_off + window.width + pad)
+        bottom = min(self._src.height, window.row_off + window.height + pad)
+        scale = min(1.0, math.sqrt(RUN_MAX_PIXELS / ((right - left) * (bottom - top))))
+        fine = (max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale)))
+        outer = Window(left, top, right - left, bottom - top)
+        data = self._nearest(outer, fine)
+        sx, sy = fine[1] / outer.width, fine[0] / outer.height
+        inner = Window((window.col_off - left) * sx, (window.row_off - top) * sy, window.width * sx, window.height * sy)
+        out = resample_masked(data, self._validity(outer, fine, data), inner, shape)
+        holes = valid & ~np.isfinite(out).all(axis=0)
+        out[:, holes] = values[:, holes]
+        if np.issubdtype(data.dtype, np.floating):
+            return out
+        limits = np.iinfo(data.dtype)
+        return np.clip(np.rint(np.nan_to_num(out)), limits.min, limits.max).astype(data.dtype)
 
     def close(self) -> None:
         self._src.close()
@@ -340,6 +473,20 @@ class SceneReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def resample_masked(data: np.ndarray, valid: np.ndarray, window: Window, shape: tuple[int, int]) -> np.ndarray:
+    """float32 [bands, *shape]: a window of [bands,h,w] data resampled with DECIMATION, pixels outside
+    `valid` left out of every kernel (GDAL's resampling of nodata); NaN where GDAL finds too few valid."""
+    bands, height, width = data.shape
+    profile = dict(driver="GTiff", width=width, height=height, count=bands, dtype="float32", nodata=_MASKED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile() as memory, memory.open(**profile) as dataset:
+            dataset.write(np.where(valid, data, _MASKED).astype(np.float32))
+            out = dataset.read(window=window, out_shape=(bands, *shape), resampling=DECIMATION)
+    out[out == _MASKED] = np.nan
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from rsmclip_geo.errors import BundleError, RsmclipError
-from rsmclip_geo.index import IndexJob, batch_table, plan_index
+from rsmclip_geo.index import IndexJob, batch_table, index_is_file, plan_index
 from rsmclip_geo.pipeline import (CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, default_threads,
                                   read_chunk)
-from rsmclip_geo.raster import Scene, SceneReader
+from rsmclip_geo.raster import FILE_NODATA, Scene, SceneReader
 from rsmclip_geo.tiling import TilingParams, TileWindow
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def check_ray_available() -> None:
 def check_ray_options(output: str | os.PathLike, workers: int | None, cpus_per_worker: float,
                       gpus_per_worker: float | None, batch_size: int) -> None:
     """The options only the Ray engine has, checked before anything starts."""
-    if Path(output).suffix == ".parquet":
+    if index_is_file(Path(output)):
         raise RsmclipError(f"-o {output}: --engine ray writes a directory of GeoParquet shards; "
                            "give a directory name (no .parquet suffix)")
     if workers is not None and workers < 1:
@@ -188,6 +188,7 @@ def index_scenes_ray(
     model=None,
     tiling: TilingParams = TilingParams(),
     bands: tuple[int, int, int] | None = None,
+    nodata: float | str | None = FILE_NODATA,
     batch_size: int = 32,
     address: str | None = None,
     workers: int | None = None,
@@ -209,16 +210,17 @@ def index_scenes_ray(
     check_ray_available()
     check_ray_options(output, workers, cpus_per_worker, gpus_per_worker, batch_size)
     actor_threads = default_threads(threads) if threads is not None else max(1, round(cpus_per_worker))
-    job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, threads=threads)
-    started = connect_ray(address, workers, cpus_per_worker)
-    try:
-        workers, gpus_per_worker = encoder_layout(workers, cpus_per_worker, gpus_per_worker)
-        _run(job, batch_size, workers, cpus_per_worker, gpus_per_worker, actor_threads, progress, cancel)
-    finally:
-        if started:
-            import ray
+    job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, nodata=nodata, threads=threads)
+    with job.locked():  # before Ray starts: a second writer of the output is refused at once
+        started = connect_ray(address, workers, cpus_per_worker)
+        try:
+            workers, gpus_per_worker = encoder_layout(workers, cpus_per_worker, gpus_per_worker)
+            _run(job, batch_size, workers, cpus_per_worker, gpus_per_worker, actor_threads, progress, cancel)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     return job.output
 
 

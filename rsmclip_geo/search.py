@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import shapely
 
-from rsmclip_geo.errors import QueryError, RsmclipError
+from rsmclip_geo.errors import QueryError, RasterError, RsmclipError
 from rsmclip_geo.index import IndexHeader, TileIndex, default_cache_dir
+from rsmclip_geo.raster import read_image
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +90,11 @@ def warn_long_queries(model, queries: Sequence[str]) -> None:
             log.warning("query %r… is longer than the model's %d tokens; it is truncated", query[:40], limit)
 
 
-@lru_cache(maxsize=8)
-def known_terms(bundle_path: str, vocabulary: str | None) -> frozenset[str]:
-    """Lower-cased terms of a bundle's vocabulary.json (all languages); empty when it has none."""
-    if not vocabulary:
-        return frozenset()
-    try:
-        data = json.loads((Path(bundle_path) / vocabulary).read_text(encoding="utf-8"))
-        return frozenset(term.lower() for terms in data["terms"].values() for term in terms)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        log.warning("%s: vocabulary %s is unreadable; no out-of-vocabulary warnings", bundle_path, vocabulary)
-        return frozenset()
-
-
 def warn_unknown_queries(model, queries: Sequence[str]) -> None:
     """Warn about queries sharing no term with the vocabulary the model was trained on."""
-    terms = known_terms(str(model.bundle.path), model.bundle.info.vocabulary)
-    for query in queries:
-        text = query.lower()
-        if terms and not any(term in text or text in term for term in terms):
-            log.warning("query %r contains no term model %r was trained on; its ranking may be unreliable",
-                        query[:60], model.bundle.info.name)
+    for query in model.bundle.outside_vocabulary(queries):
+        log.warning("query %r contains no term model %r was trained on; its ranking may be unreliable",
+                    query[:60], model.bundle.info.name)
 
 
 class QueryCache:
@@ -121,20 +104,46 @@ class QueryCache:
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path is not None else default_cache_dir() / QUERY_CACHE_FILE
+        if path is None:
+            try:
+                path = default_cache_dir() / QUERY_CACHE_FILE
+            except RsmclipError as exc:  # no cache directory: queries are encoded every time
+                log.warning("%s; queries are not cached", exc)
+        self.path = Path(path) if path is not None else None
         self._db: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection | None:
-        if self._db is None:
+        if self._db is None and self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, timeout=10)
-                self._db.execute("CREATE TABLE IF NOT EXISTS query (bundle TEXT, lang TEXT, text TEXT, "
-                                 "vector BLOB, PRIMARY KEY (bundle, lang, text))")
+                try:
+                    self._db = self._open()
+                except sqlite3.OperationalError:  # locked, read-only, I/O: the file itself may be fine
+                    raise
+                except sqlite3.DatabaseError as exc:  # not SQLite, damaged, or another schema: start afresh
+                    log.warning("query cache %s is corrupt (%s); rebuilding it", self.path, exc)
+                    self.path.unlink()
+                    self._db = self._open()
             except (OSError, sqlite3.Error) as exc:
                 log.warning("query cache %s unusable (%s); queries are not cached", self.path, exc)
                 self._db = None
         return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        """A connection to the cache file, its table created; sqlite3.DatabaseError when the file is unusable."""
+        db = sqlite3.connect(self.path, timeout=10)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS query (bundle TEXT, lang TEXT, text TEXT, "
+                       "vector BLOB, PRIMARY KEY (bundle, lang, text))")
+            columns = [row[1] for row in db.execute("PRAGMA table_info(query)")]
+            if columns != ["bundle", "lang", "text", "vector"]:
+                raise sqlite3.DatabaseError(f"table query has columns {', '.join(columns)}")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def get(self, bundle: str, lang: str | None, queries: Sequence[str]) -> dict[str, np.ndarray]:
         """Cached float32 vectors of those queries that are cached."""
@@ -180,8 +189,6 @@ def query_vectors(model, queries: Sequence[str], lang: str | None = None,
                   cache: QueryCache | None = None) -> np.ndarray:
     """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates;
     with a cache, only the queries it lacks run the text tower."""
-    warn_long_queries(model, queries)
-    warn_unknown_queries(model, queries)
     if lang is not None and lang not in TEMPLATES:
         raise QueryError(f"--lang {lang}: no prompt templates; choose one of {', '.join(TEMPLATES)}")
     if cache is None:
@@ -197,8 +204,11 @@ def query_vectors(model, queries: Sequence[str], lang: str | None = None,
 
 
 def score_tiles(index: TileIndex, vectors: np.ndarray) -> np.ndarray:
-    """float32 [Q, N] cosine scores of every tile against L2-normalised query vectors [Q, D]."""
+    """float32 [Q, N] cosine scores of every tile against L2-normalised query vectors [Q, D];
+    TileIndexError naming the file when a score shows a damaged tile embedding (not finite, not in [-1, 1])."""
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    if not np.isfinite(vectors).all():
+        raise QueryError("query embeddings are not finite numbers: the model bundle is damaged; re-install it")
     embeddings = index.embeddings()
     if embeddings.shape[1] != vectors.shape[1]:
         raise RsmclipError(
@@ -207,7 +217,9 @@ def score_tiles(index: TileIndex, vectors: np.ndarray) -> np.ndarray:
     scores = np.empty((vectors.shape[0], len(embeddings)), dtype=np.float32)
     for start in range(0, len(embeddings), SCORE_CHUNK):
         chunk = embeddings[start:start + SCORE_CHUNK].astype(np.float32)
-        scores[:, start:start + SCORE_CHUNK] = vectors @ chunk.T
+        with np.errstate(invalid="ignore", over="ignore"):  # damaged embeddings are reported just below
+            scores[:, start:start + SCORE_CHUNK] = vectors @ chunk.T
+        index.check_scores(scores[:, start:start + SCORE_CHUNK], start)
     return scores
 
 
@@ -340,9 +352,40 @@ def _check_search_params(top_k: int, nms_overlap: float, threshold: float | None
         raise QueryError(f"--threshold {threshold}: cosine scores lie between -1 and 1")
 
 
+def warn_aoi_misses(aoi, geometry: shapely.Geometry, bounds: Sequence[float], where: Path) -> None:
+    """Warn that an AOI covers no tile of an index with these lon/lat bounds, and when it looks like
+    lat,lon order (swapped, it would cover the index)."""
+    given = os.fspath(aoi) if isinstance(aoi, (str, os.PathLike)) else ",".join(f"{v:g}" for v in geometry.bounds)
+    swapped = shapely.transform(geometry, lambda coords: coords[:, ::-1])
+    hint = ""
+    if swapped.intersects(shapely.box(*bounds)):
+        hint = "; it looks like lat,lon order: swapped, it covers the index (give minlon,minlat,maxlon,maxlat)"
+    log.warning("--aoi %s covers no tile of %s (index bounds lon,lat %s)%s", given, where,
+                ",".join(f"{v:.6f}" for v in bounds), hint)
+
+
 def _aoi_mask(index: TileIndex, aoi) -> np.ndarray | None:
+    """Tiles intersecting the AOI (None without one); warns when it covers none."""
     geometry = parse_aoi(aoi)
-    return None if geometry is None else shapely.intersects(index.geometries(), geometry)
+    if geometry is None:
+        return None
+    tiles = index.geometries()
+    mask = shapely.intersects(tiles, geometry)
+    if not mask.any():
+        warn_aoi_misses(aoi, geometry, shapely.total_bounds(tiles), index.path)
+    return mask
+
+
+def _ann_aoi_mask(header: IndexHeader, ann, aoi) -> np.ndarray | None:
+    """_aoi_mask over the footprint rings of the index's ANN index."""
+    geometry = parse_aoi(aoi)
+    if geometry is None:
+        return None
+    mask = ann.aoi_mask(geometry)
+    if not mask.any():
+        bounds = [*ann.rings.min(axis=(0, 1)), *ann.rings.max(axis=(0, 1))]
+        warn_aoi_misses(aoi, geometry, bounds, header.path)
+    return mask
 
 
 def open_ann(header: IndexHeader, exact: bool, ann_min_rows: int):
@@ -394,27 +437,34 @@ def search_index(
         index = TileIndex.load(header)
     searched = header if ann is not None else index
     model = searched.load_model(model, threads=threads)
+    warn_long_queries(model, queries)
+    warn_unknown_queries(model, queries)
     vectors = query_vectors(model, queries, lang, cache=query_cache)
-    geometry = parse_aoi(aoi)
     options = dict(top_k=top_k, threshold=threshold, nms_overlap=nms_overlap)
     hits: list[Hit] = []
     if ann is not None:
         log.info("%s: searching %d tiles with its %s ANN index", header.path, len(header), ann.kind)
-        allowed = None if geometry is None else ann.aoi_mask(geometry)
+        allowed = _ann_aoi_mask(header, ann, aoi)
         for query, vector in zip(queries, vectors):
             hits += ann_rank_hits(header, ann, vector, query, allowed=allowed, **options)
         return hits
     log.info("%s: exact search over %d tiles", index.path, len(index))
-    allowed = _aoi_mask(index, geometry)
+    allowed = _aoi_mask(index, aoi)
     for query, row in zip(queries, score_tiles(index, vectors)):
         hits += rank_hits(index, row, query, allowed=allowed, **options)
     return hits
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 HxWx3 RGB pixels of an image file; QueryError if it is not an image."""
+def load_image(path: str | os.PathLike, bands: tuple[int, int, int] | None = None) -> np.ndarray:
+    """uint8 HxWx3 RGB pixels of an image file; QueryError if it is not an image. TIFFs (any band count
+    and dtype), and any image when `bands` is given, are read like scenes (raster.read_image)."""
     from PIL import Image, UnidentifiedImageError
 
+    if bands is not None or Path(path).suffix.lower() in (".tif", ".tiff"):
+        try:
+            return read_image(path, bands=bands)
+        except RasterError as exc:
+            raise QueryError(f"--image {exc}") from None
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
@@ -427,6 +477,7 @@ def similar(
     *,
     tile_id: str | None = None,
     image: str | os.PathLike | np.ndarray | None = None,
+    bands: tuple[int, int, int] | None = None,
     model=None,
     top_k: int = 10,
     threshold: float | None = None,
@@ -434,7 +485,8 @@ def similar(
     nms_overlap: float = 0.5,
     threads: int | None = None,
 ) -> list[Hit]:
-    """Search by example: tiles most similar to an indexed tile (itself excluded) or to an image."""
+    """Search by example: tiles most similar to an indexed tile (itself excluded) or to an image
+    (`bands`: its 1-based R,G,B bands, see load_image)."""
     index = index if isinstance(index, TileIndex) else TileIndex.open(index)
     if (tile_id is None) == (image is None):
         raise QueryError("similar: give exactly one example, --tile ID or --image FILE")
@@ -444,13 +496,13 @@ def similar(
         allowed = np.ones(len(index), dtype=bool)
     if tile_id is not None:
         row = index.row_of(tile_id)
-        vector = index.embeddings()[row].astype(np.float32)
+        vector = index.embedding(row)
         vector /= np.linalg.norm(vector)
         allowed[row] = False
         label = f"tile:{tile_id}"
     else:
         model = index.load_model(model, threads=threads)
-        pixels = load_image(image) if not isinstance(image, np.ndarray) else image
+        pixels = load_image(image, bands) if not isinstance(image, np.ndarray) else image
         vector = model.encode_images([pixels])[0]
         label = f"image:{Path(image).name}" if not isinstance(image, np.ndarray) else "image"
     scores = score_tiles(index, vector[None])[0]

@@ -58,3 +58,15 @@ def truncated_copy(source: Path, target: Path, fraction: float = 0.6, tiled: boo
     raw = Path(source).read_bytes()
     target.write_bytes(raw[: int(len(raw) * fraction)])
     return target
+
+
+def textured_float_scene(path: Path, *, bands: int = 5, height: int = 448, width: int = 672,
+                         nan_fraction: float = 0.0, seed: int = 0) -> Path:
+    """A float32 GeoTIFF of `bands` untagged bands of texture (about 500..1500) without a nodata value,
+    with `nan_fraction` of each band's pixels NaN, scattered independently; same texture for a seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    data = np.stack([np.sin(xx / (7 + b)) * np.cos(yy / (5 + b)) * 400 + 1000 + rng.normal(0, 40, (height, width))
+                     for b in range(bands)]).astype(np.float32)
+    data[np.random.default_rng(seed + 1).random(data.shape) < nan_fraction] = np.nan
+    return write_geotiff(path, data)

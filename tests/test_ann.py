@@ -1,5 +1,5 @@
 """ANN index: recall against exact search, same hits through `search`, stale detection, the size
-threshold, the CLI, and the query-embedding cache."""
+threshold, the CLI, damaged files, and the query-embedding cache."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rsmclip_geo.ann import AnnIndex, ann_path, build_ann, choose_kind
+from rsmclip_geo.ann import AnnIndex, ann_path, build_ann, choose_kind, verify_ann
 from rsmclip_geo.cli import main
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import TileIndexError
@@ -176,3 +176,63 @@ def test_query_cache_skips_the_text_tower(model, tmp_path):
     np.testing.assert_array_equal(again[1], first[0])
     np.testing.assert_allclose(again[2], encode(["praia"])[0], atol=1e-6)
     assert not np.allclose(templated[0], first[1])
+
+
+@pytest.fixture
+def ann_copy(shard_index, tmp_path):
+    """A copy of the shard index with a fresh HNSW index whose beam covers every row."""
+    copy = shutil.copytree(shard_index, tmp_path / "tiles")
+    build_ann(copy, kind="hnsw", params={"ef_search": len(IndexHeader.read(copy))})
+    return copy
+
+
+def flip(path, middle: int, count: int = 400) -> None:
+    raw = bytearray(path.read_bytes())
+    for i in range(middle - count // 2, middle + count // 2):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_vectors_give_an_error_not_scores(ann_copy, exact):
+    header = IndexHeader.read(ann_copy)
+    vectors = ann_path(ann_copy) / "vectors.faiss"
+    stored = len(header) * header.metadata["embed_dim"] * 4  # flat float32 vectors, last in an HNSW file
+    flip(vectors, vectors.stat().st_size - stored // 2)
+    sidecar = json.loads((ann_path(ann_copy) / "ann.json").read_text())
+    assert sidecar["files"]["vectors.faiss"]["size"] == vectors.stat().st_size  # same size: open cannot tell
+    ann = AnnIndex.open(header)
+    v = exact.embeddings()[0].astype(np.float32)
+    v /= np.linalg.norm(v)
+    with pytest.raises(TileIndexError, match=r"vectors\.faiss: ANN index is damaged \(its vectors gave scores that "
+                                             r"are not finite cosines\); rebuild it with `rsmclip-geo ann-index"):
+        ann.search(np.stack([v, -v]), 10)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("graph", r"ANN index cannot be read \(.*HNSW neighbors.*out of range"),
+    ("truncated", r"scenes\.npy: ANN index file has \d+ bytes, \d+ when it was built \(truncated or changed\)"),
+    ("format", r"ANN format 1 is not 2"),
+    ("not an object", r"ann\.json: ANN sidecar is not a JSON object"),
+])
+def test_damaged_ann_index_is_refused_by_search(case, message, ann_copy, model):
+    ann = ann_path(ann_copy)
+    if case == "graph":  # the middle of an HNSW file is its neighbour lists
+        flip(ann / "vectors.faiss", (ann / "vectors.faiss").stat().st_size // 2)
+    elif case == "truncated":
+        (ann / "scenes.npy").write_bytes((ann / "scenes.npy").read_bytes()[:-64])
+    elif case == "format":
+        sidecar = json.loads((ann / "ann.json").read_text())
+        (ann / "ann.json").write_text(json.dumps({**sidecar, "format_version": 1}))
+    else:
+        (ann / "ann.json").write_text("[]")
+    with pytest.raises(TileIndexError, match=message):
+        search_index(ann_copy, "forest", model=model, ann_min_rows=0)
+    assert len(search_index(ann_copy, "forest", model=model, ann_min_rows=0, exact=True, top_k=3)) == 3
+
+
+def test_verify_ann_checks_every_file(ann_copy):
+    assert verify_ann(ann_copy).startswith("ANN index tiles.ann: OK (hnsw, ")
+    rings = ann_path(ann_copy) / "rings.npy"
+    flip(rings, rings.stat().st_size // 2, count=16)  # same size, other footprints
+    with pytest.raises(TileIndexError, match=r"rings\.npy: ANN index file is damaged \(its sha256 differs"):
+        verify_ann(ann_copy)

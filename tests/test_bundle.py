@@ -155,3 +155,28 @@ def test_provider_choice() -> None:
     assert auto[-1] == "CPUExecutionProvider" and not forced
     with pytest.raises(RsmclipError, match="--provider"):
         resolve_providers(["NoSuchExecutionProvider"])
+
+
+def test_verify_names_a_listed_file_that_is_missing(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "weights.safetensors").unlink()  # optional for loading, but listed in bundle.json
+    loaded = load_bundle(bundle)
+    with pytest.raises(BundleError, match=r"weights\.safetensors: listed in bundle.json but missing"):
+        loaded.verify()
+
+
+def test_verify_runs_the_towers(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    edit_bundle_json(bundle, image_size=48)  # every file intact, but the image tower takes 64 px
+    with pytest.raises(BundleError, match=r"the towers fail on a blank input .*re-export the bundle") as err:
+        load_bundle(bundle).verify()
+    assert "\n" not in str(err.value)
+
+
+def test_outside_vocabulary(tiny_bundle: Path, tmp_path: Path) -> None:
+    assert load_bundle(tiny_bundle).outside_vocabulary(["xyzzy"]) == []  # no vocabulary: nothing is outside
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "vocabulary.json").write_text(json.dumps({"terms": {"en": ["Airport"], "zh": ["储油罐"]}}))
+    edit_bundle_json(bundle, vocabulary="vocabulary.json")
+    texts = ["International AIRPORT", "储油罐", "储油", "xyzzy"]
+    assert load_bundle(bundle).outside_vocabulary(texts) == ["xyzzy"]

@@ -11,6 +11,7 @@ import pytest
 
 from rsmclip_geo.classify import softmax_probabilities
 from rsmclip_geo.cli import main
+from rsmclip_geo.display import display_width
 from rsmclip_geo.encoders import load_model
 
 
@@ -104,8 +105,11 @@ def test_models_lists_bundles(tiny_bundle: Path, tmp_path: Path, monkeypatch: py
     broken = shutil.copytree(tiny_bundle, models / "broken")
     (broken / "bundle.json").write_text("{}")
     monkeypatch.setenv("RSMCLIP_GEO_MODELS", str(models))
-    assert main(["models", "--json", "--verify"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["models", "--json", "--verify"]) == 2  # the list, then one error line naming the broken bundle
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("rsmclip-geo: error: --verify: 1 of ")
+    assert "bundles do not verify: broken (" in err
+    lines = [json.loads(line) for line in out.splitlines()]
     good = [line for line in lines if "error" not in line and line["path"].startswith(str(models))]
     bad = [line for line in lines if "error" in line]
     assert [line["name"] for line in good] == ["tiny-bundle"]
@@ -114,6 +118,34 @@ def test_models_lists_bundles(tiny_bundle: Path, tmp_path: Path, monkeypatch: py
     assert len(bad) == 1 and "missing field" in bad[0]["error"]
     assert main(["models"]) == 0
     assert "tiny-bundle" in capsys.readouterr().out
+
+
+def test_shipped_bundle_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("RSMCLIP_GEO_MODELS", raising=False)
+    monkeypatch.setattr("rsmclip_geo.bundle.USER_MODELS_DIR", tmp_path / "none")
+    assert main(["models", "--verify", "--json"]) == 0
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["name"] == "rsmclip-demo-aid" and line["default"] is True
+
+
+def test_labels_file_with_a_byte_order_mark(tiny_bundle: Path, shared_data: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\ufeff# classes\naeroporto\ncampo de golfe\n", encoding="utf-8")
+    assert main(["classify", figs(shared_data)[0], "--labels-file", str(labels_file), "--model", str(tiny_bundle),
+                 "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["probabilities"]) == ["aeroporto", "campo de golfe"]
+
+
+def test_table_aligns_wide_image_names(tiny_bundle: Path, shared_data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    wide = shutil.copy(figs(shared_data)[0], tmp_path / "储油罐.jpg")
+    plain = shutil.copy(figs(shared_data)[1], tmp_path / "tanks_01.jpg")
+    assert main(["classify", wide, plain, "--labels", "alpha", "beta", "--model", str(tiny_bundle), "--top", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("储油罐.jpg") and rows[1].startswith("tanks_01.jpg")
+    label_columns = [display_width(row[:max(row.find("alpha"), row.find("beta"))]) for row in rows]
+    assert label_columns == [14, 14]  # 12 columns of names (储油罐 takes 6) and two spaces
 
 
 def test_automatic_provider_choice_prints_nothing(tiny_bundle: Path, shared_data: Path,

@@ -266,3 +266,58 @@ assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip")]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert {"farm.parquet", "hits.geojson", "heat.tif", "t.gpkg"} <= set(outputs_in(tmp_path))
+
+
+def test_outputs_keep_the_scene_path_as_given(geotiff, tiny_bundle, tmp_path, run, monkeypatch):
+    """A relative scene path stays relative in the index and in every hits format; tile-search shows the
+    path given on this run, also when its cached index was built from another one."""
+    import geopandas
+
+    from rsmclip_geo.index import TileIndex
+
+    (tmp_path / "scenes").mkdir()
+    shutil.copy(geotiff / "colorado_rgb_15cm.tif", tmp_path / "scenes" / "colorado.tif")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSMCLIP_GEO_CACHE", str(tmp_path / "cache"))
+    model, tiling, top = ["--model", tiny_bundle], ["--tile-size", "64"], ["--top-k", "2"]
+    assert run("index", "scenes/colorado.tif", "-o", "idx.parquet", *model, *tiling)[0] == 0
+    assert [r["path"] for r in TileIndex.open("idx.parquet").scenes.values()] == ["scenes/colorado.tif"]
+    for name in ("h.geojson", "h.gpkg", "h.parquet"):
+        assert run("search", "idx.parquet", "beach", *model, *top, "-o", name)[0] == 0
+        frame = geopandas.read_parquet(name) if name.endswith(".parquet") else geopandas.read_file(name)
+        assert frame["scene"].tolist() == ["scenes/colorado.tif"] * 2, name
+    assert run("tile-search", "scenes/colorado.tif", "beach", *model, *tiling, *top, "-o", "t.geojson")[0] == 0
+    assert {f["properties"]["scene"] for f in json.loads(Path("t.geojson").read_text())["features"]} == \
+        {"scenes/colorado.tif"}
+    [entry] = (tmp_path / "cache").glob("*.parquet")
+    stamp = entry.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path / "scenes")
+    assert run("tile-search", "colorado.tif", "beach", *model, *tiling, *top, "-o", "t.geojson")[0] == 0
+    assert {f["properties"]["scene"] for f in json.loads(Path("t.geojson").read_text())["features"]} == {"colorado.tif"}
+    assert list((tmp_path / "cache").glob("*.parquet")) == [entry] and entry.stat().st_mtime_ns == stamp
+
+
+def test_hit_table_keeps_wide_names_readable_and_aligned(geotiff, tiny_bundle, tmp_path, run):
+    scene = shutil.copy(geotiff / "colorado_rgb_15cm.tif", tmp_path / "机场场景.tif")
+    queries = ["储油罐", "aeroporto", "campo de golfe com lagos e bunkers"]
+    code, stdout, _ = run("tile-search", scene, *queries, "--model", tiny_bundle, "--tile-size", "64", "--top-k", "1",
+                          "--no-cache", "-o", tmp_path / "h.geojson")
+    assert code == 0
+    header, *rows = stdout.splitlines()[:4]
+    assert "储油罐" in rows[0] and "机场场景.tif" in rows[0] and "campo de golfe com lago…" in rows[2]
+    from rsmclip_geo.display import display_width
+
+    scale_column = display_width(header[:header.index("scale")]) + len("scale")  # right-aligned under its title
+    for row in rows:
+        window = row.split()[-2]
+        assert display_width(row[:row.index(window)]) == display_width(header[:header.index("window")]), row
+        assert display_width(row[:row.index(window)].rstrip()) == scale_column, row
+
+
+def test_fit_counts_display_columns():
+    from rsmclip_geo.display import display_width, fit
+
+    assert fit("储油罐", 8) == "储油罐  " and fit("储油罐", 8, ">") == "  储油罐"
+    assert fit("储油罐储油罐", 8) == "储油罐… " and display_width(fit("储油罐储油罐", 8)) == 8
+    assert fit("cafe\u0301s", 5) == "cafe\u0301s" and fit("cafe\u0301 au lait", 5) == "cafe\u0301…"
+    assert fit("a\nb\tc", 6) == "a\ufffdb\ufffdc "

@@ -123,20 +123,21 @@ def test_heatmap_is_aligned_with_the_scene(index, model, scene, tmp_path):
     queries = ["farmland", "river"]
     from rsmclip_geo.search import query_vectors
 
+    cell = PARAMS_TILE // 4  # the default: a quarter of the tile stride
     scores = score_tiles(index, query_vectors(model, queries))
     path = write_heatmap(index, scores, tmp_path / "heat.tif", queries=queries)
     with rasterio.open(path) as heat:
         assert heat.crs == scene.crs and heat.count == 2 and heat.descriptions == tuple(queries)
         assert heat.transform.c == scene.transform[2] and heat.transform.f == scene.transform[5]
-        assert heat.transform.a == pytest.approx(scene.transform[0] * PARAMS_TILE)
-        assert heat.width == -(-scene.width // PARAMS_TILE) and heat.height == -(-scene.height // PARAMS_TILE)
+        assert heat.transform.a == pytest.approx(scene.transform[0] * cell)
+        assert heat.width == -(-scene.width // cell) and heat.height == -(-scene.height // cell)
         grid = heat.read()
     cols, rows = index.column("win_col"), index.column("win_row")
     for i in range(len(index)):
         if cols[i] % PARAMS_TILE == 0 and rows[i] % PARAMS_TILE == 0:  # tiles on the grid (not edge-clamped)
-            cell = grid[:, rows[i] // PARAMS_TILE, cols[i] // PARAMS_TILE]
-            np.testing.assert_allclose(cell, scores[:, i], atol=1e-6)
-    kept = {(r // PARAMS_TILE, c // PARAMS_TILE) for c, r in zip(cols, rows) if c % 64 == 0 and r % 64 == 0}
+            pixel = grid[:, rows[i] // cell, cols[i] // cell]  # covered by this tile only
+            np.testing.assert_allclose(pixel, scores[:, i], atol=1e-6)
+    kept = {(r // cell, c // cell) for c, r in zip(cols, rows) if c % 64 == 0 and r % 64 == 0}
     empty = [(y, x) for y in range(grid.shape[1]) for x in range(grid.shape[2]) if np.isnan(grid[0, y, x])]
     assert not set(empty) & kept  # NaN only where no tile was kept (the farm's masked corners)
     assert empty
@@ -156,3 +157,48 @@ def test_heatmap_needs_one_scene(shared_data, model, tmp_path):
         assert heat.crs.to_epsg() == 26913
     with pytest.raises(RsmclipError, match="--scene nope"):
         write_heatmap(index, scores, tmp_path / "heat2.tif", scene="nope")
+
+
+def test_heatmap_checks_need_only_the_index_header(shared_data, model, tmp_path):
+    from rsmclip_geo.export import check_heatmap
+    from rsmclip_geo.index import IndexHeader
+    from rsmclip_geo.tiling import TilingParams
+
+    scene = shared_data / "geotiff" / "colorado_rgb_15cm.tif"
+    copy = tmp_path / "copy.tif"
+    copy.write_bytes(scene.read_bytes())
+    index_scenes([scene, shared_data / "geotiff" / "pix4d_farm_rgba_35cm.tif"], tmp_path / "two.parquet",
+                 model=model, tiling=TilingParams(tile_size=128))
+    header = IndexHeader.read(tmp_path / "two.parquet")
+    assert check_heatmap(header, tmp_path / "heat.tif", scene="colorado_rgb_15cm.tif") == open_scene(scene).fingerprint
+    for path, scene_name, message in [
+        (tmp_path / "heat.tif", None, r"index holds 2 scenes .*pick one with --scene"),
+        (tmp_path / "heat.png", "colorado_rgb_15cm.tif", "unknown output format"),
+        (copy, "colorado_rgb_15cm.tif", r"copy\.tif: is a scene of .*two\.parquet and would be overwritten"),
+    ]:
+        with pytest.raises(RsmclipError, match=message):
+            check_heatmap(header, path, scene=scene_name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.tif", "two.parquet"]
+
+
+def test_heatmap_averages_overlapping_tiles_at_a_quarter_of_the_stride(shared_data, model, tmp_path):
+    from rsmclip_geo.tiling import TilingParams
+
+    scene = open_scene(shared_data / "geotiff" / "colorado_rgb_15cm.tif")  # 383 × 232 px
+    index = TileIndex.open(index_scenes([scene], tmp_path / "c.parquet", model=model,
+                                        tiling=TilingParams(tile_size=64, overlap=0.5, scales=(1, 2))))
+    scores = np.random.default_rng(0).uniform(-1, 1, (2, len(index))).astype(np.float32)
+    with rasterio.open(write_heatmap(index, scores, tmp_path / "heat.tif")) as heat:
+        grid = heat.read()
+        assert heat.transform.a == pytest.approx(scene.transform[0] * 8)  # stride 32 px / 4
+    windows = np.column_stack([index.column(c) for c in ("win_col", "win_row", "win_width", "win_height")])
+    for y in range(grid.shape[1]):
+        for x in range(grid.shape[2]):
+            cx, cy = min((x + 0.5) * 8, scene.width - 0.5), min((y + 0.5) * 8, scene.height - 0.5)
+            covering = ((windows[:, 0] <= cx) & (cx < windows[:, 0] + windows[:, 2])
+                        & (windows[:, 1] <= cy) & (cy < windows[:, 1] + windows[:, 3]))
+            np.testing.assert_allclose(grid[:, y, x], scores[:, covering].mean(axis=1), atol=1e-5)
+    with rasterio.open(write_heatmap(index, scores, tmp_path / "coarse.tif", cell=32)) as heat:
+        assert heat.width == -(-scene.width // 32)
+    with pytest.raises(RsmclipError, match=r"cell=0: give the heatmap's pixel size"):
+        write_heatmap(index, scores, tmp_path / "bad.tif", cell=0)

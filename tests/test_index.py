@@ -1,10 +1,13 @@
-"""Tile index: GeoParquet layout, multi-CRS scenes, resume, model checks, shards, atomic writes."""
+"""Tile index: GeoParquet layout, multi-CRS scenes, resume, model checks, shards, atomic writes, page
+checksums, verification and the output lock."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import threading
 
 import duckdb
@@ -20,7 +23,9 @@ from rasters import truncated_copy, write_geotiff
 from rsmclip_geo import index as index_module
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError, TileIndexError
-from rsmclip_geo.index import TileIndex, cache_key, index_scenes
+from rsmclip_geo.index import (IndexHeader, TileIndex, cache_key, index_is_file, index_scenes, job_parts, plan_index,
+                               verify_index)
+from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import Cancelled
 from rsmclip_geo.raster import open_scene
 from rsmclip_geo.tiling import TilingParams, tile_windows
@@ -165,8 +170,10 @@ def test_interrupted_run_resumes(shared_data, model, tmp_path):
 def test_resume_refuses_another_model(shared_data, model, other_model, tmp_path):
     scene = shared_data / "geotiff" / SCENES[0]
     output = tmp_path / "a.parquet"
+    polls = []
     with pytest.raises(Cancelled):
-        index_scenes([scene], output, model=model, tiling=PARAMS, batch_size=4, cancel=lambda: True)
+        index_scenes([scene], output, model=model, tiling=PARAMS, batch_size=4,
+                     cancel=lambda: polls.append(1) or len(polls) > 2)
     with pytest.raises(TileIndexError, match=r"a\.parquet\.partial: unfinished index built with model "
                                              r"'tiny-bundle' .*delete the directory"):
         index_scenes([scene], output, model=other_model, tiling=PARAMS)
@@ -182,7 +189,7 @@ def test_resume_with_other_tiling_starts_over(shared_data, model, tmp_path, capl
                      cancel=lambda: polls.append(1) or len(polls) > 2)
     with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
         index_scenes([scene], output, model=model, tiling=TilingParams(tile_size=96))
-    assert "other tiling parameters" in caplog.text
+    assert "unfinished index of another job (other tiling); starting over" in caplog.text
     assert set(TileIndex.open(output).column("win_width").tolist()) == {96}
 
 
@@ -272,3 +279,85 @@ def test_existing_directory_with_other_files_is_never_replaced(shared_data, mode
     index_scenes([shared_data / "geotiff" / SCENES[0]], output, model=model, tiling=PARAMS)
     index_scenes([shared_data / "geotiff" / SCENES[0]], output, model=model, tiling=TilingParams(tile_size=96))
     assert set(TileIndex.open(output).column("win_width").tolist()) == {96}
+
+
+def test_pages_carry_checksums_and_a_damaged_part_is_named(shared_data, model, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "SHARD_TILES", 100)
+    output = index_scenes([shared_data / "geotiff" / SCENES[2]], tmp_path / "parts", model=model, tiling=PARAMS)
+    assert verify_index(output).startswith(f"{output}: OK: ")
+    part = output / "part-00001.parquet"
+    raw = bytearray(part.read_bytes())
+    footer = len(raw) - 8 - int.from_bytes(raw[-8:-4], "little")
+    for i in range(footer // 2 - 200, footer // 2 + 200):  # the middle of the data pages
+        raw[i] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    header = IndexHeader.read(output)  # footers are intact
+    damaged = rf"{part}: tile index is damaged \(.*CRC checksum verification failed.*\); rebuild it"
+    for read in (lambda: TileIndex.load(header), lambda: header.read_rows([150], ["embedding", "geometry"]),
+                 lambda: list(header.iter_embeddings()), lambda: verify_index(output)):
+        with pytest.raises(TileIndexError, match=damaged):
+            read()
+    assert header.read_rows([5], ["tile_id"]).num_rows == 1  # the other parts still read
+
+
+def test_verify_finds_foreign_duplicate_and_inconsistent_parts(shared_data, model, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "SHARD_TILES", 100)
+    scene = shared_data / "geotiff" / SCENES[0]
+    output = index_scenes([scene], tmp_path / "parts", model=model, tiling=PARAMS)
+    other = index_scenes([scene], tmp_path / "other.parquet", model=model, tiling=TilingParams(tile_size=96))
+    cases = {
+        "foreign": (lambda d: shutil.copy(other, d / "part-00099.parquet"), "its metadata differs from that of"),
+        "duplicate": (lambda d: shutil.copy(d / "part-00000.parquet", d / "part-00099.parquet"), "duplicate tile ids"),
+        "two copies": (lambda d: _edit_footer(d / "part-00000.parquet", b'"embed_dim": 32', b'"embed_dim": 33'),
+                       "the two copies of its rsmclip_geo metadata differ"),
+    }
+    for name, (damage, message) in cases.items():
+        copy = shutil.copytree(output, tmp_path / name)
+        damage(copy)
+        with pytest.raises(TileIndexError, match=message):
+            verify_index(copy)
+
+
+def _edit_footer(path, old: bytes, new: bytes) -> None:
+    """Replace bytes in the raw key-value metadata of a Parquet footer (not in its ARROW:schema copy)."""
+    raw = path.read_bytes()
+    at = raw.rindex(old)
+    path.write_bytes(raw[:at] + new + raw[at + len(old):])
+
+
+def test_output_lock_refuses_a_second_writer_in_process(tmp_path):
+    output = tmp_path / "city.parquet"
+    with output_lock(output):
+        owner = json.loads((tmp_path / "city.parquet.lock").read_text())
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        with pytest.raises(RsmclipError, match=rf"another run is writing it \(pid {os.getpid()} on "):
+            with output_lock(output):
+                pass
+    assert not (tmp_path / "city.parquet.lock").exists()
+    # a lock of this process that it no longer holds (its removal failed) is stale
+    (tmp_path / "city.parquet.lock").write_text(json.dumps({**owner, "started": "earlier"}))
+    with output_lock(output):
+        assert json.loads((tmp_path / "city.parquet.lock").read_text())["started"] != "earlier"
+    assert not (tmp_path / "city.parquet.lock").exists()
+
+
+def test_job_parts_key_the_resume_state(shared_data, model, tmp_path):
+    scenes = [shared_data / "geotiff" / name for name in SCENES[:2]]
+    job = plan_index(scenes, tmp_path / "a.parquet", model=model, tiling=PARAMS)
+    same = plan_index(scenes[::-1], tmp_path / "b.parquet", model=model, tiling=PARAMS)
+    assert job_parts(job.metadata) == job_parts(same.metadata)  # scene order does not matter
+    for other in (plan_index(scenes[:1], tmp_path / "c.parquet", model=model, tiling=PARAMS),
+                  plan_index(scenes, tmp_path / "d.parquet", model=model, tiling=TilingParams(tile_size=96)),
+                  plan_index(scenes, tmp_path / "e.parquet", model=model, tiling=PARAMS, bands=(3, 2, 1))):
+        assert job_parts(other.metadata) != job_parts(job.metadata)
+
+
+def test_index_output_names(shared_data, tmp_path):
+    scene = shared_data / "geotiff" / SCENES[0]
+    assert index_is_file(tmp_path / "a.parquet") and index_is_file(tmp_path / "A.PARQUET")
+    assert not index_is_file(tmp_path / "tiles")
+    with pytest.raises(RsmclipError, match=r"-o .*a\.gpkg: a tile index is a \.parquet file or a directory"):
+        plan_index([scene], tmp_path / "a.gpkg")
+    with pytest.raises(RsmclipError, match=r"--threads 0: give a positive number"):
+        plan_index([scene], tmp_path / "a.parquet", threads=0)
+    assert not list(tmp_path.iterdir())

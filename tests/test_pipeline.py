@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 from rasterio.enums import ColorInterp
-from rasters import truncated_copy, write_geotiff
+from rasters import textured_float_scene, truncated_copy, write_geotiff
 
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RasterError, RsmclipError
@@ -141,6 +141,25 @@ def test_zero_filled_border_of_real_scene_is_skipped(shared_data, model):
         for w in skipped:
             rgb, valid = reader.read_rgb(w.col, w.row, w.width, w.height)
             assert rgb[valid].std() < PARAMS.min_std  # the harbour scene's empty top rows
+
+
+def test_float_scene_with_scattered_nan_keeps_its_tiles(tmp_path, model):
+    """5 float32 bands, 1 % NaN in each, --bands 3,2,1: every tile is 97 % valid and kept, embeddings finite."""
+    scene = open_scene(textured_float_scene(tmp_path / "five.tif", nan_fraction=0.01), bands=(3, 2, 1))
+    params = TilingParams(tile_size=224)
+    got = collect(scene, model, params=params)
+    assert len(got) == len(tile_windows(scene, params)) == 6
+    vectors = np.stack([vector for _, vector in got.values()])
+    assert np.isfinite(vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_nodata_override_drops_the_zero_filled_border(shared_data, model):
+    path = shared_data / "geotiff" / "rotterdam_harbor_4band_1m.tif"
+    loose = collect(open_scene(path, bands=(3, 2, 1)), model, params=TilingParams(tile_size=64, min_std=0.0))
+    strict = collect(open_scene(path, bands=(3, 2, 1), nodata=0), model, params=TilingParams(tile_size=64, min_std=0.0))
+    assert set(strict) < set(loose)  # the empty top rows count as nodata only with --nodata 0
+    assert all(w.row > 0 for w, _ in strict.values())
 
 
 def test_progress_and_skip(colorado, model):

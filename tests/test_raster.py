@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 
@@ -11,10 +12,13 @@ import rasterio
 from rasterio.enums import ColorInterp
 from PIL import Image
 from rasterio.transform import Affine
-from rasters import truncated_copy, write_geotiff
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+from rasters import textured_float_scene, truncated_copy, write_geotiff
 
 from rsmclip_geo.errors import RasterError
-from rsmclip_geo.raster import SceneReader, open_scene, scene_fingerprint, window_runs
+from rsmclip_geo.raster import (SceneReader, open_scene, read_image, resample_masked, scene_fingerprint,
+                                window_runs)
 from rsmclip_geo.tiling import TilingParams, tile_windows
 
 
@@ -240,3 +244,105 @@ def test_untiled_big_scene_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
         open_scene(tiled)
     assert "not internally tiled" not in caplog.text
+
+
+def test_directory_given_as_scene(tmp_path):
+    with pytest.raises(RasterError, match=r"is a directory; give raster files"):
+        open_scene(tmp_path)
+
+
+def test_scattered_nan_is_judged_on_nearest_validity_and_kept_out_of_resampling(tmp_path):
+    """1 % NaN per band of a 5-band float32 scene: a cubic decimated read would spread it over most of
+    each tile; validity follows the source pixels and the RGB of valid pixels matches the NaN-free scene."""
+    clean = open_scene(textured_float_scene(tmp_path / "clean.tif"), bands=(3, 2, 1))
+    dirty = open_scene(textured_float_scene(tmp_path / "dirty.tif", nan_fraction=0.01), bands=(3, 2, 1))
+    dirty = dataclasses.replace(dirty, stretch=clean.stretch)  # compare pixels under one stretch
+    windows = [(w.col, w.row, w.width, w.height) for w in tile_windows(dirty, TilingParams(tile_size=224))]
+    with rasterio.open(dirty.path) as src:
+        source_valid = np.isfinite(src.read((3, 2, 1))).all(axis=0)
+    with SceneReader(clean) as clean_reader, SceneReader(dirty) as reader:
+        for (col, row, width, height), (rgb, valid) in zip(windows, reader.read_windows(windows, 64), strict=True):
+            assert abs(valid.mean() - source_valid[row:row + height, col:col + width].mean()) < 0.02
+            expected, _ = clean_reader.read_rgb(col, row, width, height, max_size=64)
+            diff = np.abs(rgb.astype(int) - expected)[valid]
+            assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 12 and diff.max() < 64  # noise: 13 levels
+            own_rgb, own_valid = reader.read_rgb(col, row, width, height, max_size=64)
+            np.testing.assert_array_equal(rgb, own_rgb)
+            np.testing.assert_array_equal(valid, own_valid)
+        rgb, valid = reader.read_rgb(0, 0, 224, 224)  # full resolution: the source pixels themselves
+    np.testing.assert_array_equal(valid, source_valid[:224, :224])
+    assert (rgb[~valid] == 0).all()
+
+
+def test_masked_resampling_of_valid_pixels_is_gdals(tmp_path):
+    path = textured_float_scene(tmp_path / "clean.tif", bands=3, height=300, width=400)
+    with rasterio.open(path) as src:
+        data = src.read()
+        expected = src.read(out_shape=(3, 60, 80), resampling=Resampling.cubic)
+        inner = src.read(window=Window(100, 50, 200, 150), out_shape=(3, 40, 50), resampling=Resampling.cubic)
+    valid = np.ones(data.shape[1:], bool)
+    np.testing.assert_array_equal(resample_masked(data, valid, Window(0, 0, 400, 300), (60, 80)), expected)
+    np.testing.assert_array_equal(resample_masked(data, valid, Window(100, 50, 200, 150), (40, 50)), inner)
+
+
+def collar_scene(tmp_path, name, **profile):
+    """A uint8 texture inside a zero-filled collar (a reprojection's black corners)."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(40, 220, (3, 256, 320)).astype(np.uint8)
+    yy, xx = np.mgrid[0:256, 0:320]
+    data[:, (xx + yy < 90) | (xx - yy > 250)] = 0
+    return write_geotiff(tmp_path / name, data, **profile)
+
+
+def test_nodata_override_matches_a_declared_nodata_value(tmp_path):
+    declared = open_scene(collar_scene(tmp_path, "declared.tif", nodata=0))
+    override = open_scene(collar_scene(tmp_path, "undeclared.tif"), nodata=0)
+    assert override.nodata == 0 and override.nodata_overridden and not declared.nodata_overridden
+    with SceneReader(declared) as a, SceneReader(override) as b:
+        for window in [(0, 0, 160, 160), (160, 0, 160, 160), (0, 0, 320, 256)]:  # each with some collar
+            for max_size in (None, 64):
+                rgb_a, valid_a = a.read_rgb(*window, max_size=max_size)
+                rgb_b, valid_b = b.read_rgb(*window, max_size=max_size)
+                np.testing.assert_array_equal(valid_a, valid_b)
+                assert not valid_b.all() and np.abs(rgb_a.astype(int) - rgb_b).max() <= 1
+
+
+def test_nodata_none_ignores_the_files_value(geotiff):
+    scene = open_scene(geotiff / "colorado_rgb_nodata_15cm.tif", nodata=None)
+    assert scene.nodata is None and scene.nodata_overridden
+    with SceneReader(scene) as reader:
+        _, valid = reader.read_rgb(0, 0, 383, 232)
+    assert valid.all()
+
+
+def test_bad_nodata_value(geotiff):
+    with pytest.raises(RasterError, match=r"nodata='none': give a number, None"):
+        open_scene(geotiff / "colorado_rgb_15cm.tif", nodata="none")
+
+
+def test_zero_filled_edge_without_nodata_warns(geotiff, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        open_scene(geotiff / "rotterdam_harbor_4band_1m.tif", bands=(3, 2, 1))
+    assert "rotterdam_harbor_4band_1m.tif" in caplog.text and "--nodata 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        harbour = open_scene(geotiff / "rotterdam_harbor_4band_1m.tif", bands=(3, 2, 1), nodata=0)
+        open_scene(collar_scene(tmp_path, "declared.tif", nodata=0))
+        open_scene(geotiff / "colorado_rgb_15cm.tif")
+    assert "--nodata" not in caplog.text
+    with SceneReader(harbour) as reader:
+        _, valid = reader.read_rgb(0, 0, 300, 300)
+    assert not valid[0].any() and valid[-1].all()  # the harbour scene's empty top rows
+
+
+def test_image_chips_of_any_band_count_read_like_scenes(tmp_path):
+    path = textured_float_scene(tmp_path / "chip.tif", height=120, width=150, nan_fraction=0.01)
+    with SceneReader(open_scene(path, bands=(3, 2, 1))) as reader:
+        expected, _ = reader.read_rgb(0, 0, 150, 120)
+    np.testing.assert_array_equal(read_image(path, bands=(3, 2, 1)), expected)
+    with pytest.raises(RasterError, match=r"5 bands .*--bands"):
+        read_image(path)
+    grey16 = write_geotiff(tmp_path / "grey16.tif", np.arange(64 * 48, dtype=np.uint16).reshape(1, 48, 64) * 9,
+                           crs=None)  # no georeferencing needed for a chip
+    image = read_image(grey16)
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8 and image.min() == 0 and image.max() == 255

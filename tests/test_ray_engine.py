@@ -129,9 +129,9 @@ def test_cli_engine_ray(local_ray, scenes, tiny_bundle, built, tmp_path, capsys)
     output = tmp_path / "cli_index"
     code = main(["-q", "index", "--engine", "ray", "--workers", "2", "--model", str(tiny_bundle),
                  "--tile-size", "64", str(scenes[0]), "-o", str(output)])
-    assert code == 0 and capsys.readouterr().out.strip() == str(output)
+    assert code == 0 and capsys.readouterr().out.startswith(f"wrote {output}: 1 scene, ")
     index = TileIndex.open(output)
-    first_scene = local.column("scene") == str(scenes[0].resolve())
+    first_scene = local.column("scene") == str(scenes[0])  # the path as given
     assert list(index.column("tile_id")) == list(local.column("tile_id")[first_scene])
 
 

@@ -192,3 +192,33 @@ def test_out_of_vocabulary_warning(index, tiny_bundle, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
         search_index(index, "xyzzy", model=model, top_k=1)
     assert "'xyzzy' contains no term model 'tiny-bundle' was trained on" in caplog.text
+
+
+def test_aoi_missing_every_tile_warns(index, model, caplog):
+    west, south, east, north = shapely.total_bounds(index.geometries())
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        assert search_index(index, "river", model=model, aoi=(west - 2, south - 2, west - 1, south - 1)) == []
+    [message] = [r.getMessage() for r in caplog.records if "--aoi" in r.getMessage()]
+    assert message.startswith(f"--aoi {west - 2:g},{south - 2:g},{west - 1:g},{south - 1:g} covers no tile of")
+    assert "lat,lon" not in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
+        assert search_index(index, "river", model=model, aoi=(south, west, north, east)) == []
+        assert search_index(index, "river", model=model, top_k=1, aoi=(west, south, east, north))
+    [message] = [r.getMessage() for r in caplog.records if "--aoi" in r.getMessage()]
+    assert "it looks like lat,lon order" in message
+
+
+def test_aoi_missing_every_tile_warns_on_the_ann_path(index, model, tmp_path, caplog):
+    from rsmclip_geo.ann import build_ann
+
+    path = shutil.copy(index.path, tmp_path / "copy.parquet")
+    build_ann(path, kind="hnsw")
+    west, south, east, north = shapely.total_bounds(index.geometries())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rsmclip_geo"):
+        assert search_index(path, "river", model=model, ann_min_rows=0, aoi=(south, west, north, east)) == []
+    assert "ANN index" in caplog.text
+    [message] = [r.getMessage() for r in caplog.records if "--aoi" in r.getMessage()]
+    assert message.startswith(f"--aoi {south:g},{west:g},{north:g},{east:g} covers no tile of {path} (index bounds")
+    assert "it looks like lat,lon order" in message

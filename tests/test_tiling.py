@@ -104,10 +104,23 @@ def test_params_round_trip_through_json():
     [
         (dict(tile_size=64, tile_size_m=10.0), "exclude each other"),
         (dict(tile_size=2), "--tile-size 2"),
-        (dict(tile_size_m=-5.0), "--tile-size-m -5.0"),
+        (dict(tile_size=7), "--tile-size 7: give a whole number of pixels between 8 and 65536"),
+        (dict(tile_size=65537), "--tile-size 65537"),
+        (dict(tile_size=64.5), "--tile-size 64.5"),
+        (dict(tile_size=float("inf")), "--tile-size inf"),
+        (dict(tile_size=float("nan")), "--tile-size nan"),
+        (dict(tile_size=True), "--tile-size True"),
+        (dict(tile_size_m=-5.0), "--tile-size-m -5.0: give a finite size in metres above 0"),
+        (dict(tile_size_m=0.0), "--tile-size-m 0.0"),
+        (dict(tile_size_m=float("inf")), "--tile-size-m inf"),
+        (dict(tile_size_m=float("nan")), "--tile-size-m nan"),
         (dict(overlap=1.0), "--overlap 1.0"),
+        (dict(overlap=float("nan")), "--overlap nan"),
         (dict(scales=(0, 1)), "--scales 0,1"),
+        (dict(scales=(1, 1.5)), "--scales 1,1.5"),
+        (dict(scales=(1, float("inf"))), "--scales 1,inf"),
         (dict(min_valid=1.5), "--min-valid 1.5"),
+        (dict(min_std=float("nan")), "--min-std nan"),
     ],
 )
 def test_bad_params(kwargs, message):
@@ -118,3 +131,32 @@ def test_bad_params(kwargs, message):
 def test_axis_starts_exact_fit():
     assert axis_starts(300, 100, 100) == [0, 100, 200]
     assert axis_starts(100, 100, 50) == [0]
+
+
+def test_pixel_size_bounds_are_inclusive():
+    assert TilingParams(tile_size=8).tile_size == 8
+    assert TilingParams(tile_size=65536).tile_size == 65536
+    assert TilingParams(tile_size=64.0).tile_size == 64 and isinstance(TilingParams(tile_size=64.0).tile_size, int)
+
+
+@pytest.mark.parametrize("metres, pixels", [(0.001, "0.00667 px"), (1.0, "6.67 px"), (100.0, "667 px")])
+def test_metre_sizes_outside_the_pixel_bounds_name_the_sizes_that_work(colorado, metres, pixels):
+    """0.15 m pixels, 383×232 px: 8 px is 1.2 m, the scene's short side 34.8 m."""
+    with pytest.raises(RsmclipError) as info:
+        tile_windows(colorado, TilingParams(tile_size_m=metres))
+    message = str(info.value)
+    assert message.startswith(f"tile_size_m={metres:g} is {pixels} on colorado_rgb_15cm.tif (0.15 m per pixel")
+    assert message.endswith("give 1.2 to 34.8 m (8 to 232 px)")
+    assert len(tile_windows(colorado, TilingParams(tile_size_m=1.2))) == 48 * 29
+    assert {w.width for w in tile_windows(colorado, TilingParams(tile_size_m=34.8))} == {232}
+
+
+def test_metre_size_of_a_few_pixels_on_a_coarse_scene(tmp_path):
+    """5 m on a 4 m/px scene would be 675,000 one-pixel windows; it is refused with the sizes that work."""
+    path = write_geotiff(tmp_path / "coarse.tif", np.full((3, 750, 900), 80, np.uint8),
+                         transform=Affine(4.0, 0.0, 500_000.0, 0.0, -4.0, 5_800_000.0))
+    scene = open_scene(path)
+    with pytest.raises(RsmclipError, match=r"tile_size_m=5 is 1\.25 px .*\(4 m per pixel.*give 32 to 3,000 m "
+                                           r"\(8 to 750 px\)"):
+        TilingParams(tile_size_m=5.0).tile_pixels(scene)
+    assert TilingParams(tile_size_m=32.0).tile_pixels(scene) == 8

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rsmclip_geo.bundle import DEFAULT_MODEL, Bundle, BundleInfo, find_bundles, load_bundle, models_dirs
-from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.errors import BundleError, RsmclipError
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
                                    description="List bundles in $RSMCLIP_GEO_MODELS, "
                                                "~/.local/share/rsmclip-geo/models and the package's models folder.")
     models.add_argument("--json", action="store_true", help="one JSON line per bundle")
-    models.add_argument("--verify", action="store_true", help="re-hash every bundle file against bundle.json")
+    models.add_argument("--verify", action="store_true",
+                        help="re-hash every bundle file against bundle.json and run each tower once; "
+                             "exit 2 naming the bundles that fail")
     models.add_argument("-o", "--output", help="write the list to this file instead of stdout")
     models.set_defaults(func=run_models)
 
@@ -84,16 +86,22 @@ def bundle_summary(bundle: Bundle) -> dict[str, Any]:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    """List the bundles; with --verify, fail (after the list is out) naming every bundle that does not verify."""
     from rsmclip_geo.classify import write_text_atomic
+    from rsmclip_geo.export import check_writable
 
-    lines = []
-    for path in find_bundles():
+    if args.output:
+        check_writable(Path(args.output))
+    lines, broken = [], []
+    paths = find_bundles()
+    for path in paths:
         try:
             bundle = load_bundle(path)
             if args.verify:
                 bundle.verify()
         except RsmclipError as exc:
-            lines.append(json.dumps({"path": str(path), "error": str(exc)}) if args.json
+            broken.append(f"{path.name} ({exc})")
+            lines.append(json.dumps({"path": str(path), "error": str(exc)}, ensure_ascii=False) if args.json
                          else f"{path.name}  BROKEN: {exc}")
             continue
         summary = bundle_summary(bundle)
@@ -113,4 +121,6 @@ def run_models(args: argparse.Namespace) -> int:
         write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
+    if args.verify and broken:
+        raise BundleError(f"--verify: {len(broken)} of {len(paths)} bundles do not verify: {'; '.join(broken)}")
     return 0

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from rsmclip_geo.errors import QueryError, RsmclipError
-from rsmclip_geo.export import HIT_FORMATS, check_writable
+from rsmclip_geo.display import fit
+from rsmclip_geo.export import HEATMAP_FORMATS, HIT_FORMATS, check_writable
 
 log = logging.getLogger("rsmclip_geo")
 
@@ -21,11 +22,11 @@ class ProgressBar:
         self.label = label
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
-        self.done = 0
+        self.done = self.total = 0
         self._drawn = 0.0
 
     def __call__(self, done: int, total: int) -> None:
-        self.done = done
+        self.done, self.total = done, total
         now = time.perf_counter()
         if not self.enabled or (now - self._drawn < 0.2 and done < total):
             return
@@ -67,6 +68,8 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap", type=float, default=0.0, help="overlap between tiles, fraction (default 0)")
     group.add_argument("--scales", default="1", help="tile scales, e.g. 1,2,4 (tiles of k × size)")
     group.add_argument("--bands", help="1-based R,G,B bands, e.g. 3,2,1 (default: by colour interpretation)")
+    group.add_argument("--nodata", help="value of invalid pixels, replacing the file's (e.g. 0 for black "
+                                        "collars); none ignores the file's value")
     group.add_argument("--min-valid", type=float, default=0.5, help="skip tiles with less valid area (default 0.5)")
     group.add_argument("--min-std", type=float, default=2.0, help="skip near-constant tiles (default 2.0)")
     group.add_argument("--batch-size", type=int, default=32, help="tiles per encoder batch (default 32)")
@@ -122,7 +125,6 @@ def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) ->
         group.add_argument("--lang", help="add prompt templates of this language (en pt es fr de nl it zh ko ru)")
         group.add_argument("--queries-file", help="more queries, one per line (UTF-8)")
         group.add_argument("--heatmap", help="also write a score GeoTIFF aligned with the scene")
-        group.add_argument("--scene", help="scene of a multi-scene index for --heatmap (file name or path)")
 
 
 def tiling_params(args: argparse.Namespace):
@@ -136,13 +138,27 @@ def bands_option(args: argparse.Namespace) -> tuple[int, int, int] | None:
     return parse_ints(args.bands, "--bands", 3) if args.bands else None  # type: ignore[return-value]
 
 
+def nodata_option(args: argparse.Namespace) -> float | str | None:
+    """--nodata: the file's value when not given, None for `none`, else a number."""
+    from rsmclip_geo.raster import FILE_NODATA
+
+    if args.nodata is None:
+        return FILE_NODATA
+    if args.nodata.strip().lower() == "none":
+        return None
+    try:
+        return float(args.nodata)
+    except ValueError:
+        raise RsmclipError(f"--nodata {args.nodata}: give a number (e.g. 0) or none") from None
+
+
 def read_queries(args: argparse.Namespace) -> list[str]:
     """Queries from the command line plus --queries-file."""
     queries = list(args.query)
     if getattr(args, "queries_file", None):
         path = Path(args.queries_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drops a byte order mark
         except (OSError, UnicodeDecodeError) as exc:
             raise QueryError(f"--queries-file {path}: cannot be read ({exc}); give a UTF-8 text file") from None
         queries += [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -151,34 +167,48 @@ def read_queries(args: argparse.Namespace) -> list[str]:
     return queries
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse unwritable -o / --heatmap paths before any work is done."""
-    if getattr(args, "output", None):
-        check_writable(Path(args.output), HIT_FORMATS)
-    if getattr(args, "heatmap", None):
-        check_writable(Path(args.heatmap), (".tif", ".tiff"), option="--heatmap")
+def check_outputs(args: argparse.Namespace, *inputs: str) -> None:
+    """Refuse unwritable -o / --heatmap paths, and outputs that would replace or land in an input (a scene,
+    an index file or directory), before any work is done."""
+    inputs_resolved = [Path(path).resolve() for path in inputs]
+    for option, value, formats in (("-o", getattr(args, "output", None), HIT_FORMATS),
+                                   ("--heatmap", getattr(args, "heatmap", None), HEATMAP_FORMATS)):
+        if not value:
+            continue
+        check_writable(Path(value), formats, option=option)
+        target = Path(value).resolve()
+        if any(target == path or path in target.parents for path in inputs_resolved):
+            raise RsmclipError(f"{option} {value}: would overwrite or write into an input of this command; "
+                               "choose another path")
+    if getattr(args, "heatmap_scene", None) and not args.heatmap:
+        raise RsmclipError(f"--scene {args.heatmap_scene}: picks the scene of --heatmap; give --heatmap too")
 
 
 def print_hits(hits) -> None:
-    """A plain table of hits on stdout."""
+    """A plain table of hits on stdout; query and scene columns by display width (CJK takes two columns)."""
     print(f"{'rank':>4}  {'score':>6}  {'query':<24}  {'scene':<28}  {'scale':>5}  {'window (col,row,w,h)':<24}  centre lon,lat")
     for hit in hits:
         centre = hit.geometry.centroid
         window = f"{hit.win_col},{hit.win_row},{hit.win_width},{hit.win_height}"
-        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.query[:24]:<24}  {Path(hit.scene).name[:28]:<28}  "
+        print(f"{hit.rank:>4}  {hit.score:6.3f}  {fit(hit.query, 24)}  {fit(Path(hit.scene).name, 28)}  "
               f"{hit.scale:>5}  {window:<24}  {centre.x:.6f},{centre.y:.6f}")
 
 
 def write_outputs(args: argparse.Namespace, hits, index, queries: list[str], model) -> None:
-    """Write the hits file and the heatmap (before anything goes to stdout, which may be closed early)."""
+    """Write the hits file and the heatmap (before anything goes to stdout, which may be closed early);
+    a heatmap that cannot be written fails before the hits file is written."""
     from rsmclip_geo.api import score_tiles, write_heatmap, write_hits
+    from rsmclip_geo.export import check_heatmap
     from rsmclip_geo.search import query_vectors
 
+    scene = getattr(args, "heatmap_scene", None)
+    if args.heatmap:
+        check_heatmap(index, args.heatmap, scene=scene)
     if args.output:
         write_hits(hits, args.output)
-    if getattr(args, "heatmap", None):
-        scores = score_tiles(index, query_vectors(model, queries, getattr(args, "lang", None)))
-        write_heatmap(index, scores, args.heatmap, scene=getattr(args, "scene", None), queries=queries)
+    if args.heatmap:
+        scores = score_tiles(index, query_vectors(model, queries, args.lang))
+        write_heatmap(index, scores, args.heatmap, scene=scene, queries=queries)
 
 
 def report(args: argparse.Namespace, hits) -> None:
@@ -189,38 +219,60 @@ def report(args: argparse.Namespace, hits) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import index_scenes, index_scenes_ray
+    from rsmclip_geo.api import IndexHeader, index_scenes, index_scenes_ray
 
+    if args.verify:
+        return verify(args)
+    if not args.scenes or not args.output:
+        raise RsmclipError("index: give one or more scenes and -o OUTPUT (a .parquet file or a directory name), "
+                           "or --verify INDEX")
     ray_options = dict(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                        gpus_per_worker=args.gpus_per_worker)
     if args.engine == "local" and ray_options != RAY_DEFAULTS:
         raise RsmclipError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --engine ray")
     params = tiling_params(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    options = dict(model=indexing_model(args), tiling=params, bands=bands_option(args), batch_size=args.batch_size,
-                   progress=progress, threads=args.threads)
+    options = dict(model=indexing_model(args), tiling=params, bands=bands_option(args), nodata=nodata_option(args),
+                   batch_size=args.batch_size, progress=progress, threads=args.threads)
     if args.engine == "ray":
         output = index_scenes_ray(args.scenes, args.output, **ray_options, **options)
     else:
         output = index_scenes(args.scenes, args.output, **options)
     progress.finish()
-    print(output)
+    header = IndexHeader.read(output)
+    scenes = len(header.scenes)
+    print(f"wrote {output}: {scenes} scene{'s' * (scenes != 1)}, {len(header)} tiles kept, "
+          f"{progress.total - len(header)} skipped, {time.perf_counter() - progress.start:.1f} s")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    """`index --verify INDEX`: check every page and row of an index (and its ANN index); one line either way."""
+    from rsmclip_geo.ann import ann_path, verify_ann
+    from rsmclip_geo.index import verify_index
+
+    if args.scenes or args.output:
+        raise RsmclipError("--verify INDEX checks an existing index: give no scenes and no -o")
+    summary = verify_index(args.verify)
+    if ann_path(args.verify).is_dir():
+        summary += f"; {verify_ann(args.verify)}"
+    print(summary)
     return 0
 
 
 def cmd_tile_search(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import open_scene, tile_search
+    from rsmclip_geo.api import tile_search
     from rsmclip_geo.index import resolve_model
 
     queries = read_queries(args)
     if args.output is None:
         args.output = f"{Path(args.scene).stem}_hits.geojson"
-    check_outputs(args)
+    check_outputs(args, args.scene)
     params = tiling_params(args)
-    scene = open_scene(args.scene, bands=bands_option(args))
     model = resolve_model(indexing_model(args), args.threads)  # loaded here: the heatmap needs it too
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    hits, index = tile_search(scene, queries, model=model, tiling=params, bands=bands_option(args),
+    hits, index = tile_search(args.scene, queries, model=model, tiling=params, bands=bands_option(args),
+                              nodata=nodata_option(args),
                               top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
                               lang=args.lang, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                               batch_size=args.batch_size, progress=progress, threads=args.threads)
@@ -234,7 +286,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from rsmclip_geo.api import IndexHeader, QueryCache, TileIndex, search_index
 
     queries = read_queries(args)
-    check_outputs(args)
+    check_outputs(args, args.index)
     # A heatmap needs every tile's score: load the whole index. Otherwise search_index picks
     # exact or ANN search by size and reads only what it needs.
     index = TileIndex.open(args.index) if args.heatmap else IndexHeader.read(args.index)
@@ -257,10 +309,11 @@ def cmd_ann_index(args: argparse.Namespace) -> int:
 def cmd_similar(args: argparse.Namespace) -> int:
     from rsmclip_geo.api import TileIndex, similar, write_hits
 
-    check_outputs(args)
+    check_outputs(args, args.index)
     index = TileIndex.open(args.index)
-    hits = similar(index, tile_id=args.tile, image=args.image, model=args.model, top_k=args.top_k,
-                   threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, threads=args.threads)
+    hits = similar(index, tile_id=args.tile, image=args.image, bands=bands_option(args), model=args.model,
+                   top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
+                   threads=args.threads)
     if args.output:
         write_hits(hits, args.output)
     report(args, hits)
@@ -272,8 +325,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("index", help="build a GeoParquet tile index over one or more scenes",
                               description="Tile scenes, embed every tile and write one GeoParquet tile index. "
                                           "An interrupted run resumes when started again.")
-    p.add_argument("scenes", nargs="+", metavar="SCENE", help="GeoTIFF scenes (CRSs may differ)")
-    p.add_argument("-o", "--output", required=True, help="index file (.parquet) or directory of shards")
+    p.add_argument("scenes", nargs="*", metavar="SCENE", help="GeoTIFF scenes (CRSs may differ)")
+    p.add_argument("-o", "--output", help="index file (.parquet) or directory of shards")
+    p.add_argument("--verify", metavar="INDEX",
+                   help="instead of indexing: read every page of INDEX (and INDEX.ann/) and check its checksums, "
+                        "embeddings and metadata")
     add_model_options(p)
     add_backend_options(p)
     add_tiling_options(p)
@@ -303,6 +359,8 @@ def register(subparsers) -> None:
                    help="score every tile even when the index is large enough for its ANN index")
     add_model_options(p)
     add_search_options(p)
+    p.add_argument("--scene", dest="heatmap_scene",
+                   help="scene of a multi-scene index for --heatmap (file name, path or fingerprint)")
     p.set_defaults(func=cmd_search)
 
     p = subparsers.add_parser("ann-index", help="build the ANN index that `search` uses on large tile indexes",
@@ -321,8 +379,9 @@ def register(subparsers) -> None:
     p.add_argument("index", metavar="INDEX", help="tile index (.parquet file or shard directory)")
     example = p.add_mutually_exclusive_group(required=True)
     example.add_argument("--tile", help="tile id from the index")
-    example.add_argument("--image", help="image chip (JPEG, PNG, TIFF)")
+    example.add_argument("--image", help="image chip (JPEG, PNG, or a GeoTIFF of any band count and dtype)")
     p.add_argument("-o", "--output", help="hits file: .geojson, .gpkg or .parquet")
+    p.add_argument("--bands", help="1-based R,G,B bands of --image, e.g. 3,2,1 (default: by colour interpretation)")
     add_model_options(p)
     add_search_options(p, heatmap=False)
     p.set_defaults(func=cmd_similar)
