@@ -103,3 +103,18 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel)
     """The tiny model exported as an fp32 bundle directory (with torch weights); returns its Path."""
     return build_tiny_bundle(tiny_model, tmp_path_factory.mktemp("bundles") / "tiny-bundle")
 
+
+@pytest.fixture(scope="session")
+def rs_m_clip_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF_HOME whose hub cache holds joaodaniel/RS-M-CLIP (open_clip's xlm-roberta-base-ViT-B-32, seeded
+    RANDOM weights, 1.5 GB) and xlm-roberta-base (config + the real XLM-R tokenizer): training/hub_cache.py.
+    Built in a child process, so the 366 M-parameter model never stays in the test process."""
+    import subprocess
+    import sys
+
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    result = subprocess.run([sys.executable, "-m", "training.hub_cache", str(hf_home)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:
+        pytest.fail(f"python -m training.hub_cache failed:\n{result.stderr[-3000:]}")
+    return hf_home

@@ -9,6 +9,16 @@ shipped in ``training/probes`` run through torch and through the bundle on ONNX 
 runtime's own numpy preprocessing and tokenizer.json tokeniser); the bundle is refused when the
 minimum cosine falls below the precision's threshold or, for int8, when a probe image's top-1
 sentence changes to one that torch scores clearly below its best.
+
+RS-M-CLIP with Hugging Face hub access (joaodaniel/RS-M-CLIP and xlm-roberta-base go to the HF cache):
+
+    python -m training.export --model hf-hub:joaodaniel/RS-M-CLIP -o models/rs-m-clip [--precision int8]
+
+Without it, with the files of both hub repositories copied to folders RS-M-CLIP/ (open_clip_config.json
+and the weights file) and xlm-roberta-base/ (config.json, tokenizer.json):
+
+    python -m training.export --model RS-M-CLIP/open_clip_config.json \\
+        --checkpoint RS-M-CLIP/open_clip_model.safetensors --hf-text-dir xlm-roberta-base/ -o models/rs-m-clip
 """
 
 from __future__ import annotations
@@ -602,7 +612,9 @@ def _move_into_place(work: Path, output: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("RS-M-CLIP with"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="open_clip model name, hf-hub:ORG/REPO or model-config JSON path "
                                         "(optional when --checkpoint stores its architecture)")
     parser.add_argument("--checkpoint", help="local state dict / open_clip checkpoint")

