@@ -123,6 +123,7 @@ def create_model(
     hf_text_dir: str | os.PathLike | None = None,
     pretrained: str | None = None,
     device: str = "cpu",
+    initialise: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
 ) -> LoadedModel:
     """Build an open_clip model in eval mode.
 
@@ -133,6 +134,8 @@ def create_model(
     replace the HF text tower's hub names (offline, random init unless weights follow). ``pretrained``:
     an open_clip pretrained tag or weights file. ``checkpoint``: a state dict, an open_clip training
     checkpoint (``state_dict`` key, ``module.`` prefixes) or a checkpoint saved by :func:`save_checkpoint`.
+    ``initialise``: without checkpoint or pretrained weights, called with the built model to load weights
+    itself (e.g. ``training.pretrained`` towers); returns fields for ``LoadedModel.source``.
     """
     import open_clip
 
@@ -164,7 +167,7 @@ def create_model(
     if hf_text_dir is not None:
         hf_config, tokenizer_json, special_tokens = read_hf_text_dir(hf_text_dir)
     if text_cfg.get("hf_model_name") and hf_config is None:
-        return _create_with_hub_text(name, model_cfg, preprocess_cfg, pretrained, checkpoint_path, device)
+        return _create_with_hub_text(name, model_cfg, preprocess_cfg, pretrained, checkpoint_path, device, initialise)
 
     with tempfile.TemporaryDirectory(prefix="rsmclip-model-") as workdir:
         if hf_config is not None:
@@ -181,16 +184,13 @@ def create_model(
             clip = open_clip.create_model(f"local-dir:{workdir}", pretrained_text=False, device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{workdir}")
     weights = checkpoint_path or _resolve_pretrained(name, pretrained)
-    if weights is None:
-        log.warning("%s: no checkpoint or pretrained weights given: the model has RANDOM weights", name)
-    else:
-        _load_weights(clip, weights)
+    initialised = _load_or_initialise(clip, name, weights, initialise)
     if hf_config is not None:  # keep the original names, not the deleted build directory
         for key in ("hf_model_name", "hf_tokenizer_name"):
             text_cfg[key] = payload["model_cfg"]["text_cfg"].get(key) or "local"
         text_cfg["hf_model_pretrained"] = False
     return _finish(name, clip, tokenizer, model_cfg, hf_config, tokenizer_json, special_tokens, weights,
-                   checkpoint_path, pretrained)
+                   checkpoint_path, pretrained, initialised=initialised)
 
 
 def read_hf_text_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], str, dict[str, str]]:
@@ -321,7 +321,8 @@ def _create_from_hub(model_id: str, device: str) -> LoadedModel:
 
 
 def _create_with_hub_text(name: str, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
-                          pretrained: str | None, checkpoint_path: Path | None, device: str) -> LoadedModel:
+                          pretrained: str | None, checkpoint_path: Path | None, device: str,
+                          initialise: Callable[[torch.nn.Module], dict[str, Any]] | None) -> LoadedModel:
     """A model whose HF text tower is named by hub id (needs network or a warm HF cache)."""
     import open_clip
     import open_clip.tokenizer
@@ -340,25 +341,36 @@ def _create_with_hub_text(name: str, model_cfg: dict[str, Any], preprocess_cfg: 
         raise RsmclipError(f"{name}: the HF text tower {model_cfg['text_cfg']['hf_model_name']!r} is not available "
                            "offline; pass --hf-text-dir DIR with its config.json and tokenizer") from exc
     weights = checkpoint_path or _resolve_pretrained(name, pretrained)
-    if weights is None:
-        log.warning("%s: no checkpoint or pretrained weights given: the model has RANDOM weights", name)
-    else:
-        _load_weights(clip, weights)
+    initialised = _load_or_initialise(clip, name, weights, initialise)
     special = _special_tokens(tokenizer.tokenizer)
     return _finish(name, clip, tokenizer, model_cfg, clip.text.config.to_dict(),
-                   tokenizer.tokenizer.backend_tokenizer.to_str(), special, weights, checkpoint_path, pretrained)
+                   tokenizer.tokenizer.backend_tokenizer.to_str(), special, weights, checkpoint_path, pretrained,
+                   initialised=initialised)
+
+
+def _load_or_initialise(clip: torch.nn.Module, name: str, weights: Path | None,
+                        initialise: Callable[[torch.nn.Module], dict[str, Any]] | None) -> dict[str, Any]:
+    """Load ``weights``; else let ``initialise`` load its own (its source fields); else warn: random weights."""
+    if weights is not None:
+        _load_weights(clip, weights)
+        return {}
+    if initialise is not None:
+        return {**initialise(clip), "random_init": False}
+    log.warning("%s: no checkpoint or pretrained weights given: the model has RANDOM weights", name)
+    return {}
 
 
 def _finish(name: str, clip: torch.nn.Module, tokenizer: Callable, model_cfg: dict[str, Any],
             hf_config: dict[str, Any] | None, tokenizer_json: str | None, special: dict[str, str] | None,
             weights: Path | None, checkpoint_path: Path | None, pretrained: str | None,
-            hub: bool = False) -> LoadedModel:
+            hub: bool = False, initialised: dict[str, Any] | None = None) -> LoadedModel:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     clip.eval()
     preprocess_cfg = dict(clip.visual.preprocess_cfg)
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     source: dict[str, Any] = {"model": name, "pretrained": pretrained, "random_init": weights is None and not hub}
+    source.update(initialised or {})
     if checkpoint_path is not None:
         source.update(checkpoint=str(checkpoint_path), checkpoint_sha256=sha256_file(checkpoint_path))
     elif weights is not None:

