@@ -12,19 +12,21 @@ from pathlib import Path
 from rsmclip_geo.errors import RsmclipError, TileIndexError
 from rsmclip_geo.export import hits_to_geojson, write_heatmap, write_hits
 from rsmclip_geo.ann import build_ann
-from rsmclip_geo.index import IndexHeader, TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model
+from rsmclip_geo.index import (
+    IndexHeader, TileIndex, cache_key, default_cache_dir, index_scenes, resolve_model, warn_ground_resolution,
+)
 from rsmclip_geo.pipeline import CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, embed_scene
 from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
 from rsmclip_geo.ray_engine import index_scenes_ray
 from rsmclip_geo.search import QUERY_CACHE_FILE, Hit, QueryCache, clean_queries, score_tiles, search_index, similar
-from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
+from rsmclip_geo.tiling import AUTO_TILE_SIZE, TilingParams, TileWindow, tile_windows
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Cancelled", "EmbeddedBatch", "Hit", "IndexHeader", "QueryCache", "Scene", "TileIndex", "TileWindow",
-    "TilingParams", "build_ann", "cached_scene_index", "default_cache_dir", "embed_scene", "hits_to_geojson",
-    "index_scenes", "index_scenes_ray", "open_scene",
+    "AUTO_TILE_SIZE", "Cancelled", "EmbeddedBatch", "Hit", "IndexHeader", "QueryCache", "Scene", "TileIndex",
+    "TileWindow", "TilingParams", "build_ann", "cached_scene_index", "default_cache_dir", "embed_scene",
+    "hits_to_geojson", "index_scenes", "index_scenes_ray", "open_scene",
     "score_tiles", "search_index", "similar", "tile_search", "tile_windows", "write_heatmap", "write_hits",
 ]
 
@@ -50,7 +52,7 @@ def cached_scene_index(
     """
     scene = scene if isinstance(scene, Scene) else open_scene(scene, bands=bands, nodata=nodata)
     model = resolve_model(model, threads)
-    params = tiling.resolved(model.bundle.info.default_tile_size)
+    params = tiling.for_model(model.bundle.info)
     options = dict(model=model, tiling=params, batch_size=batch_size, progress=progress, cancel=cancel,
                    threads=threads)
     if not use_cache:
@@ -70,6 +72,7 @@ def cached_scene_index(
             index = TileIndex.open(path)
             index.check_model(model)
             log.info("%s: using the cached tile index %s", scene.path.name, path)
+            warn_ground_resolution(scene, params, model.bundle.info)
             if progress:
                 progress(len(index), len(index))
             return index

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,18 @@ _MODEL_FIELDS = ("embed_dim", "image_size", "mean", "std", "resize", "interpolat
                  "pad_id", "precision")
 
 
+def parse_input_gsd_m(value: Any, what: str, error: type[Exception] = BundleError) -> tuple[float, float]:
+    """A ground resolution range ``[min, max]`` in metres per pixel: two finite numbers, 0 < min <= max;
+    ``error`` naming ``what`` otherwise."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise error(f"{what} {value!r}: give [min, max] in metres per pixel")
+    low, high = (float(v) for v in value)
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        raise error(f"{what} {low:g},{high:g}: give finite metres per pixel, 0 < min <= max")
+    return low, high
+
+
 @dataclass(frozen=True)
 class BundleInfo:
     """The validated contents of bundle.json."""
@@ -87,6 +100,7 @@ class BundleInfo:
     files: dict[str, str]
     default_tile_size: int = 224
     vocabulary: str | None = None
+    input_gsd_m: tuple[float, float] | None = None  # ground metres per input pixel it was trained at (min, max)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -126,6 +140,9 @@ class BundleInfo:
         tile = data.get("default_tile_size", 224)
         if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
             raise BundleError(f"{where}: default_tile_size must be a positive integer")
+        input_gsd_m = data.get("input_gsd_m")
+        if input_gsd_m is not None:
+            input_gsd_m = parse_input_gsd_m(input_gsd_m, f"{where}: input_gsd_m", BundleError)
         return cls(
             format_version=data["format_version"], name=data["name"], version=data["version"],
             source=dict(data["source"]), architecture=data["architecture"], embed_dim=data["embed_dim"],
@@ -134,7 +151,7 @@ class BundleInfo:
             context_length=data["context_length"], pad_id=data["pad_id"],
             languages=tuple(str(v) for v in data["languages"]), logit_scale=float(data["logit_scale"]),
             precision=data["precision"], parity=dict(data["parity"]), files=dict(data["files"]),
-            default_tile_size=tile, vocabulary=data.get("vocabulary"), raw=data,
+            default_tile_size=tile, vocabulary=data.get("vocabulary"), input_gsd_m=input_gsd_m, raw=data,
         )
 
     def model_fields(self) -> dict[str, Any]:

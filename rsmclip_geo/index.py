@@ -32,7 +32,7 @@ from rsmclip_geo.files import publish, replace_directory, temp_file, write_error
 from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import CancelCallback, EmbeddedBatch, ProgressCallback, default_threads, embed_scene
 from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene, window_ring, window_rings
-from rsmclip_geo.tiling import TilingParams, TileWindow, tile_windows
+from rsmclip_geo.tiling import TilingParams, TileWindow, ground_resolution_warning, tile_windows
 
 log = logging.getLogger(__name__)
 
@@ -394,8 +394,10 @@ def plan_index(
     opened = [scene for scene, _ in given.values()]
     model = resolve_model(model, threads)
     info = model.bundle.info
-    params = tiling.resolved(getattr(info, "default_tile_size", None))
+    params = tiling.for_model(info)
     plans = [(scene, tile_windows(scene, params)) for scene in opened]
+    for scene in opened:
+        warn_ground_resolution(scene, params, info)
     metadata = {
         "format_version": FORMAT_VERSION,
         "bundle": {"name": info.name, "fingerprint": model.bundle.fingerprint},
@@ -404,6 +406,13 @@ def plan_index(
         "scenes": {fingerprint: scene_record(scene, path) for fingerprint, (scene, path) in given.items()},
     }
     return IndexJob(output, model, params, plans, metadata)
+
+
+def warn_ground_resolution(scene: Scene, params: TilingParams, info) -> None:
+    """Log the scene's ground-resolution warning (tiling.ground_resolution_warning), if it has one."""
+    warning = ground_resolution_warning(scene, params, info)
+    if warning:
+        log.warning("%s", warning)
 
 
 def index_scenes(

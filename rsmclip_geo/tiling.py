@@ -1,4 +1,5 @@
-"""Tiling: square pixel windows over a scene, in pixels or metres, with overlap and scales."""
+"""Tiling: square pixel windows over a scene, in pixels, metres or fitted to the model's ground resolution,
+with overlap and scales."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
 from numbers import Integral, Real
+from typing import Any
 
+from rsmclip_geo.bundle import parse_input_gsd_m
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.raster import Scene
 
@@ -16,6 +19,10 @@ log = logging.getLogger(__name__)
 FALLBACK_TILE_SIZE = 224
 #: Smallest and largest tile side in pixels, given in pixels or converted from metres.
 MIN_TILE_PX, MAX_TILE_PX = 8, 65536
+#: `tile_size_m` value that sizes the tiles of each scene to the model's ground resolution (bundle input_gsd_m).
+AUTO_TILE_SIZE = "auto"
+#: Tiles putting a scene more than this factor outside the model's ground resolution get a warning.
+GSD_TOLERANCE = 2.0
 
 
 def _whole(value: object) -> bool:
@@ -35,11 +42,14 @@ class TilingParams:
     """How a scene is cut into tiles; stored in index metadata and part of the cache key."""
 
     tile_size: int | None = None
-    tile_size_m: float | None = None
+    tile_size_m: float | str | None = None  # metres, or AUTO_TILE_SIZE
     overlap: float = 0.0
     scales: tuple[int, ...] = field(default=(1,))
     min_valid: float = 0.5
     min_std: float = 2.0
+    # with tile_size_m=auto, filled in by for_model(): the model's ground resolution and input size
+    input_gsd_m: tuple[float, float] | None = None
+    input_px: int | None = None
 
     def __post_init__(self) -> None:
         if self.tile_size is not None and self.tile_size_m is not None:
@@ -49,10 +59,13 @@ class TilingParams:
                 raise RsmclipError(f"--tile-size {self.tile_size}: give a whole number of pixels between "
                                    f"{MIN_TILE_PX} and {MAX_TILE_PX}")
             object.__setattr__(self, "tile_size", int(self.tile_size))
-        if self.tile_size_m is not None and not (
+        if isinstance(self.tile_size_m, str) and self.tile_size_m.strip().lower() == AUTO_TILE_SIZE:
+            object.__setattr__(self, "tile_size_m", AUTO_TILE_SIZE)
+        elif self.tile_size_m is not None and not (
                 isinstance(self.tile_size_m, Real) and math.isfinite(self.tile_size_m) and self.tile_size_m > 0):
             raise RsmclipError(f"--tile-size-m {self.tile_size_m}: give a finite size in metres above 0 "
-                               f"(at least {MIN_TILE_PX} pixels of the scene)")
+                               f"(at least {MIN_TILE_PX} pixels of the scene), or {AUTO_TILE_SIZE}")
+        self._check_model_resolution()
         if not 0.0 <= self.overlap < 0.95:
             raise RsmclipError(f"--overlap {self.overlap}: give a fraction of the tile, 0 <= overlap < 0.95")
         if not self.scales or not all(_whole(s) and s >= 1 for s in self.scales):
@@ -63,11 +76,32 @@ class TilingParams:
         if not 0.0 <= self.min_std < math.inf:
             raise RsmclipError(f"--min-std {self.min_std}: give a finite non-negative value")
 
+    def _check_model_resolution(self) -> None:
+        """input_gsd_m and input_px: both or neither, only with tile_size_m=auto, and valid."""
+        if self.input_gsd_m is None and self.input_px is None:
+            return
+        if self.tile_size_m != AUTO_TILE_SIZE or self.input_gsd_m is None or self.input_px is None:
+            raise RsmclipError("input_gsd_m and input_px go together, with tile_size_m=auto only")
+        object.__setattr__(self, "input_gsd_m", parse_input_gsd_m(self.input_gsd_m, "input_gsd_m", RsmclipError))
+        if not _whole(self.input_px) or self.input_px < 1:
+            raise RsmclipError(f"input_px={self.input_px}: give the model's input size in pixels")
+        object.__setattr__(self, "input_px", int(self.input_px))
+
     def resolved(self, default_tile_size: int | None) -> TilingParams:
         """These parameters with the model's default tile size filled in when no size was given."""
         if self.tile_size is None and self.tile_size_m is None:
             return replace(self, tile_size=int(default_tile_size or FALLBACK_TILE_SIZE))
         return self
+
+    def for_model(self, info: Any) -> TilingParams:
+        """These parameters for a model (its BundleInfo): its default tile size when no size was given, its
+        ground resolution and input size for tile_size_m=auto (RsmclipError when the bundle records none)."""
+        if self.tile_size_m != AUTO_TILE_SIZE:
+            return self.resolved(getattr(info, "default_tile_size", None))
+        if getattr(info, "input_gsd_m", None) is None:
+            raise RsmclipError(f"tile_size_m=auto: model {info.name} does not record the ground resolution it was "
+                               "trained at (input_gsd_m in bundle.json); give the tile size in metres or pixels")
+        return replace(self, input_gsd_m=tuple(info.input_gsd_m), input_px=int(info.image_size))
 
     def tile_pixels(self, scene: Scene) -> int:
         """Tile side in pixels at scale 1 for a scene (metres are converted with its pixel size); RsmclipError
@@ -76,10 +110,17 @@ class TilingParams:
             return int(self.tile_size)
         if self.tile_size_m is None:
             raise RsmclipError("tiling parameters have no tile size; resolve them with the model first")
-        px, py = scene.pixel_size_m()
-        resolution = (px + py) / 2
+        resolution = scene_resolution(scene)
+        largest = largest_tile_pixels(scene)
+        if self.tile_size_m == AUTO_TILE_SIZE:
+            if self.input_gsd_m is None or self.input_px is None:
+                raise RsmclipError("tile_size_m=auto: the model's ground resolution is not filled in; "
+                                   "resolve the parameters with TilingParams.for_model first")
+            if largest < MIN_TILE_PX:
+                raise RsmclipError(f"{scene.path.name}: {scene.width}×{scene.height} px is smaller than the "
+                                   f"smallest tile ({MIN_TILE_PX} px)")
+            return fitting_tile_pixels(resolution, self.input_gsd_m, self.input_px, largest)
         pixels = self.tile_size_m / resolution if resolution > 0 else math.inf
-        largest = min(MAX_TILE_PX, scene.width, scene.height)
         if not MIN_TILE_PX - 0.5 <= pixels < largest + 0.5:
             raise RsmclipError(
                 f"tile_size_m={self.tile_size_m:g} is {pixels:.3g} px on {scene.path.name} ({resolution:.3g} m "
@@ -90,11 +131,79 @@ class TilingParams:
     def to_json(self) -> dict:
         data = asdict(self)
         data["scales"] = list(self.scales)
+        if self.input_gsd_m is None:  # sizes given in pixels or metres keep the keys (and cache keys) they had
+            del data["input_gsd_m"], data["input_px"]
+        else:
+            data["input_gsd_m"] = list(self.input_gsd_m)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> TilingParams:
-        return cls(**{**data, "scales": tuple(data.get("scales", (1,)))})
+        gsd = data.get("input_gsd_m")
+        return cls(**{**data, "scales": tuple(data.get("scales", (1,))),
+                      "input_gsd_m": tuple(gsd) if gsd is not None else None})
+
+
+def scene_resolution(scene: Scene) -> float:
+    """A scene's ground resolution in metres per pixel (mean of its x and y pixel sizes)."""
+    px, py = scene.pixel_size_m()
+    return (px + py) / 2
+
+
+def largest_tile_pixels(scene: Scene) -> int:
+    """The largest tile side in pixels a scene holds (its short side, at most MAX_TILE_PX)."""
+    return min(MAX_TILE_PX, scene.width, scene.height)
+
+
+def fitting_tile_pixels(resolution: float, input_gsd_m: tuple[float, float], input_px: int, largest: int) -> int:
+    """Tile side in pixels that puts a scene of ``resolution`` m per pixel at the geometric centre of the model's
+    ground resolution ``input_gsd_m`` (m per input pixel, ``input_px`` input pixels), or at the nearest of
+    MIN_TILE_PX and ``largest`` when the centre lies beyond them."""
+    centre = math.sqrt(input_gsd_m[0] * input_gsd_m[1])
+    ideal = centre * input_px / resolution if resolution > 0 else math.inf
+    return round(min(max(ideal, MIN_TILE_PX), largest))
+
+
+def _mismatch(gsd: float, input_gsd_m: tuple[float, float]) -> float:
+    """How many times a ground resolution (m per input pixel) lies outside a range; 1 inside it."""
+    low, high = input_gsd_m
+    return low / gsd if gsd < low else gsd / high if gsd > high else 1.0
+
+
+def ground_resolution_warning(scene: Scene, params: TilingParams, info: Any) -> str | None:
+    """A one-line warning when every scale's tiles put ``scene`` more than GSD_TOLERANCE× outside the ground
+    resolution the model (BundleInfo ``info``) was trained at, naming the tile size in metres that fits;
+    None when a scale fits or the bundle records no ground resolution."""
+    input_gsd_m = getattr(info, "input_gsd_m", None)
+    if input_gsd_m is None:
+        return None
+    resolution = scene_resolution(scene)
+    input_px = int(info.image_size)
+    base = params.tile_pixels(scene)
+    sizes = [base * s for s in params.scales if base * s <= min(scene.width, scene.height)] or [base]
+    gsds = [size * resolution / input_px for size in sizes]
+    if min(_mismatch(gsd, input_gsd_m) for gsd in gsds) <= GSD_TOLERANCE:
+        return None
+    nearest = min(gsds, key=lambda gsd: _mismatch(gsd, input_gsd_m))
+    if len(sizes) == 1:
+        tiles = f"{sizes[0]} px tiles ({_metres(sizes[0] * resolution)} m) give {gsds[0]:.3g} m"
+    else:
+        tiles = (f"{sizes[0]}–{sizes[-1]} px tiles ({_metres(sizes[0] * resolution)}–"
+                 f"{_metres(sizes[-1] * resolution)} m) give {gsds[0]:.3g}–{gsds[-1]:.3g} m")
+    fit = fitting_tile_pixels(resolution, input_gsd_m, input_px, largest_tile_pixels(scene))
+    fit_m = fit * resolution
+    fit_option = f"--tile-size-m {fit_m:.0f}" if fit_m >= 100 else f"--tile-size-m {fit_m:.3g}"
+    fit_gsd = fit_m / input_px
+    if _mismatch(fit_gsd, input_gsd_m) <= GSD_TOLERANCE:
+        advice = f"use {fit_option} (or auto)"
+    else:
+        small = fit_gsd < input_gsd_m[0]
+        advice = (f"the scene is too {'small' if small else 'coarse'} for it: even its "
+                  f"{'largest' if small else 'smallest'} tile ({fit_option}, {fit} px) gives {fit_gsd:.3g} m")
+    finer = nearest < input_gsd_m[0]
+    return (f"{scene.path.name}: {resolution:.3g} m per pixel; its {tiles} per model input pixel, "
+            f"{_mismatch(nearest, input_gsd_m):.3g}× {'finer' if finer else 'coarser'} than {info.name} was trained "
+            f"at ({input_gsd_m[0]:.3g}–{input_gsd_m[1]:.3g} m); results may be wrong: {advice}")
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,19 @@ def rs_m_clip_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if result.returncode != 0:
         pytest.fail(f"python -m training.hub_cache failed:\n{result.stderr[-3000:]}")
     return hf_home
+
+
+@pytest.fixture
+def package_models_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Resolve bundle names in the package's models folder only (no user or $RSMCLIP_GEO_MODELS bundles)."""
+    monkeypatch.delenv("RSMCLIP_GEO_MODELS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The shipped default bundle (rsmclip_geo/models/DEFAULT_MODEL) loaded on the CPU."""
+    from rsmclip_geo.bundle import DEFAULT_MODEL
+    from rsmclip_geo.encoders import load_model
+
+    return load_model(REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL, providers=["cpu"])

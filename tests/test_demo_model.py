@@ -16,9 +16,10 @@ import yaml
 
 from rsmclip_geo import api
 from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
-from rsmclip_geo.encoders import load_model
 from training import data as D
 from training.demo_scene import CELL, COLUMNS, ROWS, build_demo_scene, read_cells_csv
+
+pytestmark = pytest.mark.usefixtures("package_models_only")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL
@@ -43,18 +44,6 @@ CLASS_QUERIES = [
                             " below the Playground cell, a pitch inside a running track")),
     ("deserto", "Desert"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def only_package_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Resolve bundle names in the package's models folder only (no user or $RSMCLIP_GEO_MODELS bundles)."""
-    monkeypatch.delenv("RSMCLIP_GEO_MODELS", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def demo_model():
-    return load_model(None)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +128,8 @@ def test_heldout_names_use_only_words_of_the_training_captions_and_none_distinct
 # --------------------------------------------------------------------------- the shipped bundle
 
 
-def test_default_model_is_the_shipped_demo_bundle(demo_model) -> None:
-    bundle = demo_model.bundle
+def test_default_model_is_the_shipped_demo_bundle() -> None:
+    bundle = load_bundle(None)
     assert bundle.path.resolve() == BUNDLE_DIR.resolve()
     bundle.verify()  # every file listed in bundle.json has its recorded sha256
     info = bundle.info

@@ -41,18 +41,20 @@ def warnings_about(caplog, fragment: str) -> list[str]:
 
 # tile sizes -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, fragment", [
-    ("inf", "--tile-size-m inf: give a finite size in metres above 0"),
-    ("nan", "--tile-size-m nan"),
-    ("0", "--tile-size-m 0.0"),
-    ("-5", "--tile-size-m -5.0"),
-    ("0.001", "tile_size_m=0.001 is 0.00667 px on scene.tif (0.15 m per pixel, 383×232 px); "
-              "give 1.2 to 34.8 m (8 to 232 px)"),
-    ("1", "tile_size_m=1 is 6.67 px"),
-    ("100", "tile_size_m=100 is 667 px"),
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--tile-size-m", "inf", "--tile-size-m inf: give a finite size in metres above 0"),
+    ("--tile-size-m", "nan", "--tile-size-m nan"),
+    ("--tile-size-m", "0", "--tile-size-m 0.0"),
+    ("--tile-size-m", "-5", "--tile-size-m -5.0"),
+    ("--tile-size-m", "0.001", "tile_size_m=0.001 is 0.00667 px on scene.tif (0.15 m per pixel, 383×232 px); "
+                               "give 1.2 to 34.8 m (8 to 232 px)"),
+    ("--tile-size-m", "1", "tile_size_m=1 is 6.67 px"),
+    ("--tile-size-m", "100", "tile_size_m=100 is 667 px"),
+    ("--tile-size", "4", "--tile-size 4: give a whole number of pixels between 8 and 65536"),
+    ("--tile-size", "70000", "--tile-size 70000"),
 ])
-def test_metre_tile_sizes_out_of_bounds(capsys, work, tiny_bundle, tmp_path, value, fragment):
-    result = run_cli(capsys, *index_args(tiny_bundle, tmp_path, work["scene"]), "--tile-size-m", value)
+def test_tile_sizes_out_of_bounds(capsys, work, tiny_bundle, tmp_path, flag, value, fragment):
+    result = run_cli(capsys, *index_args(tiny_bundle, tmp_path, work["scene"]), flag, value)
     assert_fails_cleanly(result, fragment)
     assert leftovers(tmp_path, "out.parquet") == []
 
@@ -64,16 +66,6 @@ def test_metre_tile_size_of_a_pixel_on_a_coarse_scene(capsys, tiny_bundle, tmp_p
                      "-o", tmp_path / "hits.geojson", "--model", tiny_bundle)
     assert_fails_cleanly(result, "tile_size_m=5 is 1.25 px on coarse.tif (4 m per pixel", "give 32 to 3,000 m")
     assert leftovers(tmp_path, "hits.geojson") == []
-
-
-@pytest.mark.parametrize("value, fragment", [
-    ("4", "--tile-size 4: give a whole number of pixels between 8 and 65536"),
-    ("70000", "--tile-size 70000"),
-])
-def test_pixel_tile_sizes_out_of_bounds(capsys, work, tiny_bundle, tmp_path, value, fragment):
-    result = run_cli(capsys, *index_args(tiny_bundle, tmp_path, work["scene"]), "--tile-size", value)
-    assert_fails_cleanly(result, fragment)
-    assert leftovers(tmp_path, "out.parquet") == []
 
 
 # scenes ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from rsmclip_geo.raster import open_scene
 from rsmclip_geo.search import search_index
 from rsmclip_geo.tiling import TilingParams
 
+pytestmark = pytest.mark.usefixtures("package_models_only")
+
 CELL = 150  # AID images here are 150 × 150
 PER_CLASS = 3
 QUERIES = {
@@ -35,13 +37,6 @@ QUERIES = {
 }
 SCENE_CRS = {"mosaic_utm.tif": ("EPSG:32633", Affine(2.0, 0.0, 400_000.0, 0.0, -2.0, 5_700_000.0)),
              "mosaic_wgs84.tif": ("EPSG:4326", Affine(2e-5, 0.0, 13.4, 0.0, -2e-5, 52.5))}
-
-
-@pytest.fixture(autouse=True)
-def only_package_models(monkeypatch, tmp_path):
-    """The default model resolves to the package's bundled demo model only."""
-    monkeypatch.delenv("RSMCLIP_GEO_MODELS", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 def validation_images(aid: Path, class_name: str, count: int) -> list[Path]:

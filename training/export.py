@@ -376,6 +376,55 @@ def bundle_info(loaded: LoadedModel, *, name: str, version: str, precision: str,
     return info
 
 
+def parse_input_gsd_option(text: str) -> tuple[float, float]:
+    """--input-gsd-m MIN,MAX -> (min, max) metres per input pixel; RsmclipError when malformed or out of range."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise RsmclipError(f"--input-gsd-m {text}: give MIN,MAX in metres per input pixel, e.g. 4.6875,75")
+    return bundle_format.parse_input_gsd_m(values, "--input-gsd-m", RsmclipError)
+
+
+def checkpoint_training_config(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The training config stored in the checkpoint ``loaded`` was built from (training.train's model.pt), if any."""
+    path = loaded.source.get("checkpoint")
+    if not path or Path(path).suffix == ".safetensors":
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a training.train checkpoint (e.g. a legacy-format state dict): no config to read
+        return None
+    config = data.get("config") if isinstance(data, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def config_input_gsd_m(config: dict[str, Any], input_px: int, where: str) -> tuple[float, float] | None:
+    """The model's input ground resolution (metres per input pixel) from a training config whose every dataset
+    states ``ground_resolution: {gsd_m: [min, max], image_px: N}`` (metres per pixel of its images at N px):
+    gsd × N / input px, over all datasets; None when a dataset does not state it."""
+    data = config.get("data")
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    if not isinstance(datasets, list) or not datasets:
+        return None
+    stated = [spec.get("ground_resolution") if isinstance(spec, dict) else None for spec in datasets]
+    if any(entry is None for entry in stated):
+        return None
+    lows, highs = [], []
+    for i, entry in enumerate(stated):
+        key = f"{where}: data.datasets[{i}].ground_resolution"
+        if not isinstance(entry, dict):
+            raise RsmclipError(f"{key}: give {{gsd_m: [min, max], image_px: N}}")
+        low, high = bundle_format.parse_input_gsd_m(entry.get("gsd_m"), f"{key}.gsd_m", RsmclipError)
+        image_px = entry.get("image_px")
+        if isinstance(image_px, bool) or not isinstance(image_px, int) or image_px < 1:
+            raise RsmclipError(f"{key}.image_px {image_px!r}: give the image size in pixels gsd_m is stated at")
+        lows.append(low * image_px / input_px)
+        highs.append(high * image_px / input_px)
+    return min(lows), max(highs)
+
+
 def vocabulary_json(path: Path) -> dict[str, Any]:
     """vocabulary.json content: ``terms`` {lang: [names]} and ``classes`` {class: {lang: [names]}} (train part)."""
     from training.data import load_vocabulary
@@ -491,6 +540,7 @@ def export_bundle(
     vocabulary: str | os.PathLike | None = None,
     model_card: str | os.PathLike | None = None,
     calibration_images: str | os.PathLike | None = None,
+    input_gsd_m: Sequence[float] | None = None,
 ) -> Path:
     """Export ``loaded`` to a bundle directory at ``output`` (atomically: temp dir, then rename).
 
@@ -499,6 +549,8 @@ def export_bundle(
     ``model_card``: a Markdown file copied into the bundle as MODEL_CARD.md.
     ``calibration_images``: with precision "int8", a folder of typical images; the image tower is then
     quantised statically (convolutions included, `convert_precision`) instead of dynamically.
+    ``input_gsd_m``: (min, max) ground metres per input pixel the model was trained at; without it, taken from
+    the training config stored in the checkpoint when its datasets state their ground resolution.
     ``torch_weights``: "fp32" or "fp16" also writes weights.safetensors for the torch backend; with "fp16" the
     weights of ``loaded`` itself are rounded to fp16 before the ONNX export, so both backends hold the same
     values (and the parity figures hold for either) at half the size.
@@ -521,6 +573,13 @@ def export_bundle(
                     tensor.copy_(tensor.half())
     info = bundle_info(loaded, name=name or output.name, version=version, precision=precision,
                        languages=languages, default_tile_size=default_tile_size)
+    if input_gsd_m is not None:
+        input_gsd_m = bundle_format.parse_input_gsd_m(input_gsd_m, "input_gsd_m", RsmclipError)
+    else:
+        config = checkpoint_training_config(loaded)
+        input_gsd_m = config_input_gsd_m(config, info["image_size"], loaded.source["checkpoint"]) if config else None
+    if input_gsd_m is not None:
+        info["input_gsd_m"] = list(input_gsd_m)
     known_terms = vocabulary_json(Path(vocabulary)) if vocabulary is not None else None
     if known_terms is not None:
         info["vocabulary"] = VOCABULARY_JSON
@@ -636,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-images", metavar="DIR",
                         help="with --precision int8: quantise the image tower statically, convolutions included, "
                              f"with activation ranges from {CALIBRATION_IMAGES} images of DIR (typical scenes)")
+    parser.add_argument("--input-gsd-m", metavar="MIN,MAX",
+                        help="ground metres per input pixel the model was trained at (source metres per pixel × "
+                             "source px / input px); default: from the checkpoint's training config when its "
+                             "datasets state ground_resolution")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
     return parser
 
@@ -647,6 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.model is None and args.checkpoint is None:
             raise RsmclipError("--model: required unless --checkpoint stores its architecture")
+        input_gsd_m = parse_input_gsd_option(args.input_gsd_m) if args.input_gsd_m is not None else None
         loaded = create_model(args.model, checkpoint=args.checkpoint, hf_text_dir=args.hf_text_dir,
                               pretrained=args.pretrained)
         if loaded.source.get("random_init"):
@@ -657,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             languages=args.languages, torch_weights=args.torch_weights,
                             default_tile_size=args.default_tile_size, probes_dir=args.probes,
                             vocabulary=args.vocabulary, model_card=args.model_card,
-                            calibration_images=args.calibration_images)
+                            calibration_images=args.calibration_images, input_gsd_m=input_gsd_m)
     except RsmclipError as exc:
         print(f"training.export: error: {exc}", file=sys.stderr)
         return 2

@@ -92,6 +92,8 @@ class SearchDock(QDockWidget):
         self.tile_size.setRange(0, 100000)
         self.tile_size.setDecimals(1)
         self.tile_size.setSpecialValueText("model default")
+        self.tile_size.setToolTip("model default: tiles sized to the ground resolution the model was trained at "
+                                  "when its bundle records it, else the model's default tile size in pixels")
         self.tile_unit = QComboBox()
         self.tile_unit.addItem("pixels", "px")
         self.tile_unit.addItem("metres", "m")
@@ -344,7 +346,8 @@ class SearchDock(QDockWidget):
 
             model = self.model_for(settings.model, settings.threads)
             return model, cached_scene_index(
-                path, model=model, tiling=tiling, bands=bands, progress=progress, cancel=cancel, threads=threads
+                path, model=model, tiling=model_tiling(tiling, model.bundle.info), bands=bands, progress=progress,
+                cancel=cancel, threads=threads
             )
 
         self.index = None
@@ -563,6 +566,18 @@ def tiling_params(settings: PanelSettings):
     else:
         size = {"tile_size_m": settings.tile_size}
     return TilingParams(**size, overlap=settings.overlap, scales=parse_ints(settings.scales, "Scales"))
+
+
+def model_tiling(tiling, info):
+    """The panel's tiling for a model (its BundleInfo): without a tile size, tiles sized per scene to the ground
+    resolution the model was trained at (tile_size_m=auto) when its bundle records one."""
+    from dataclasses import replace
+
+    from rsmclip_geo.tiling import AUTO_TILE_SIZE
+
+    if tiling.tile_size is None and tiling.tile_size_m is None and info.input_gsd_m is not None:
+        return replace(tiling, tile_size_m=AUTO_TILE_SIZE)
+    return tiling
 
 
 def write_query_heatmap(index, model, query: str) -> Path:

@@ -60,11 +60,25 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="ONNX Runtime and reader threads (default: CPU cores)")
 
 
+def tile_size_m_option(text: str) -> float | str:
+    """--tile-size-m: metres, or auto."""
+    from rsmclip_geo.tiling import AUTO_TILE_SIZE
+
+    if text.strip().lower() == AUTO_TILE_SIZE:
+        return AUTO_TILE_SIZE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give metres (e.g. 600) or {AUTO_TILE_SIZE}") from None
+
+
 def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tiling")
     size = group.add_mutually_exclusive_group()
     size.add_argument("--tile-size", type=int, help="tile side in pixels (default: the model's tile size)")
-    size.add_argument("--tile-size-m", type=float, help="tile side in metres on the ground")
+    size.add_argument("--tile-size-m", type=tile_size_m_option,
+                      help="tile side in metres on the ground, or auto: per scene, the size that puts it at the "
+                           "ground resolution the model was trained at (bundles that record it)")
     group.add_argument("--overlap", type=float, default=0.0, help="overlap between tiles, fraction (default 0)")
     group.add_argument("--scales", default="1", help="tile scales, e.g. 1,2,4 (tiles of k × size)")
     group.add_argument("--bands", help="1-based R,G,B bands, e.g. 3,2,1 (default: by colour interpretation)")
