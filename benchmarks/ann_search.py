@@ -93,7 +93,7 @@ def write_mosaic(images: list[Path], output: Path, side: int) -> Path:
 
 def build_index(mosaic: Path, output: Path, model) -> Path:
     """Embed every window of the mosaic with the project's indexer (resumable); returns the index path."""
-    from rsmclip_geo.index import index_scenes
+    from rsmclip_geo.indexer import index_scenes
     from rsmclip_geo.tiling import TilingParams
 
     if output.is_dir():
@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rsmclip_geo.ann import AnnIndex, ann_path
     from rsmclip_geo.encoders import load_model
-    from rsmclip_geo.index import IndexHeader, TileIndex
-    from rsmclip_geo.search import QueryCache, ann_rank_hits, query_vectors, rank_hits, score_tiles
+    from rsmclip_geo.tile_index import IndexHeader, TileIndex
+    from rsmclip_geo.caches import QueryCache
+    from rsmclip_geo.queries import query_vectors
+    from rsmclip_geo.search import ann_rank_hits, rank_hits, score_tiles
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     bundle = export_random(args.random, args.work_dir) if args.random else args.model

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rsmclip_geo.encoders import load_model
-    from rsmclip_geo.index import TileIndex, index_scenes
+    from rsmclip_geo.indexer import index_scenes
+    from rsmclip_geo.tile_index import TileIndex
     from rsmclip_geo.raster import SceneReader, open_scene
     from rsmclip_geo.tiling import TilingParams, tile_windows
     from training.model import create_model

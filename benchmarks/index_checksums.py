@@ -4,7 +4,7 @@
    the project's indexer (64 px tiles, 75 % overlap); its rows are repeated to --rows tiles and
    written twice with the project's writer options: with page checksums (as `index` writes them) and
    without (as indexes written before checksums were).
-2. Search: `search_index(..., exact=True)` on each file, alternating, --repeats times, queries from
+2. Search: `search_index(..., params=SearchParams(exact=True))` on each file, alternating, --repeats times, queries from
    the query cache (no text tower in the timings): reading every page (verified where checksummed),
    scoring every tile with the finite-cosine check, NMS, hits. Median seconds of each, their ratio.
 3. Read only: `pyarrow.parquet.read_table` of the checksummed file with verification on and off.
@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rsmclip_geo.encoders import load_model
-    from rsmclip_geo.index import WRITE_OPTIONS, index_scenes
-    from rsmclip_geo.search import QueryCache, search_index
+    from rsmclip_geo.indexer import index_scenes
+    from rsmclip_geo.tile_index import WRITE_OPTIONS
+    from rsmclip_geo.caches import QueryCache
+    from rsmclip_geo.search import SearchParams, search_index
     from rsmclip_geo.tiling import TilingParams
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{sizes['with checksums']:.1f} MB with page checksums, {sizes['without']:.1f} MB without")
 
     cache = QueryCache(args.work_dir / "queries.sqlite")
-    search_index(files["without"], QUERIES, model=model, exact=True, query_cache=cache)  # fills the query cache
-    search = timings({name: (lambda path=path: search_index(path, QUERIES, model=model, exact=True,
-                                                             query_cache=cache))
+    exact = SearchParams(exact=True)
+    search_index(files["without"], QUERIES, model=model, params=exact, query_cache=cache)  # fills the query cache
+    search = timings({name: (lambda path=path: search_index(path, QUERIES, model=model, params=exact,
+                                                            query_cache=cache))
                       for name, path in files.items()}, args.repeats)
     read = timings({verified: (lambda verified=verified: pq.read_table(
         files["with checksums"], page_checksum_verification=verified)) for verified in (True, False)}, args.repeats)

@@ -58,7 +58,8 @@ def write_tiled_vrt(source: Path, output: Path, size: int, bands: tuple[int, int
 
 def _child(spec: dict) -> None:
     """Index the scene (runs in the measured child process) and print a JSON line of results."""
-    from rsmclip_geo.index import IndexHeader, index_scenes
+    from rsmclip_geo.indexer import index_scenes
+    from rsmclip_geo.tile_index import IndexHeader
     from rsmclip_geo.tiling import TilingParams
 
     start = time.perf_counter()

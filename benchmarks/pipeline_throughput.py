@@ -84,7 +84,8 @@ def int8_image_bundle(fp32: Path, output: Path, calibration_images: Path | None 
     statically from ``calibration_images`` (convolutions included), else dynamically (MatMul/Gemm). The
     export's int8 parity gate is not applied: random weights quantise worse than trained ones and fail
     it, so this benchmark measures and prints the agreement itself."""
-    from rsmclip_geo.bundle import BUNDLE_JSON, IMAGE_ONNX, sha256_file
+    from rsmclip_geo.bundle import BUNDLE_JSON, IMAGE_ONNX
+    from rsmclip_geo.files import sha256_file
     from training.export import calibration_pixels, convert_precision, quantization_method
 
     if (output / BUNDLE_JSON).is_file():
@@ -132,7 +133,8 @@ def pipeline_runner(bundle: Path, scene: Path, params, threads: int, batch_size:
     import pandas  # noqa: F401  (pyarrow.parquet imports it on first use: library imports are not timed)
 
     from rsmclip_geo.encoders import load_model
-    from rsmclip_geo.index import TileIndex, index_scenes
+    from rsmclip_geo.indexer import index_scenes
+    from rsmclip_geo.tile_index import TileIndex
 
     model = load_model(bundle, threads=threads)
     size = model.bundle.info.image_size
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rsmclip_geo.bundle import load_bundle
-    from rsmclip_geo.index import TileIndex
+    from rsmclip_geo.tile_index import TileIndex
     from rsmclip_geo.raster import open_scene
     from rsmclip_geo.tiling import TilingParams, tile_windows
 

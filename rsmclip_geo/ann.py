@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from rsmclip_geo.bundle import sha256_file
-from rsmclip_geo.errors import RsmclipError, TileIndexError
+from rsmclip_geo.files import sha256_file
+from rsmclip_geo.errors import RsmclipError, TileIndexError, first_line
 from rsmclip_geo.files import replace_directory, write_errors
-from rsmclip_geo.index import UNIT_TOLERANCE, IndexHeader, check_unit_vectors, first_line, open_parquet
+from rsmclip_geo.tile_index import UNIT_TOLERANCE, IndexHeader, check_unit_vectors, open_parquet
 from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import default_threads
 
@@ -106,7 +106,8 @@ def shards_fingerprint(header: IndexHeader) -> str:
 
 
 def rebuild_advice(index_path: Path) -> str:
-    return f"rebuild it with `rsmclip-geo ann-index {index_path}` or search with --exact"
+    """What to do about a damaged or stale ANN index of the tile index at `index_path`."""
+    return f"rebuild the ANN index of {index_path} or search exactly (exact=True)"
 
 
 def choose_kind(rows: int) -> str:
@@ -122,7 +123,7 @@ def default_params(kind: str, rows: int) -> dict:
         nlist = max(1, min(rows // 39, int(IVF_LISTS_PER_SQRT * math.sqrt(rows))))
         return {"nlist": nlist, "nprobe": min(nlist, IVF_NPROBE), "codes": "fp16",
                 "kmeans_iterations": IVF_KMEANS_ITERATIONS}
-    raise RsmclipError(f"--kind {kind}: choose hnsw or ivf")
+    raise RsmclipError(f"kind={kind}: choose hnsw or ivf", param="kind", value=kind)
 
 
 def _new_index(faiss, kind: str, dim: int, params: dict):
@@ -240,8 +241,8 @@ def read_sidecar(header: IndexHeader) -> dict:
     try:
         text = (path / SIDECAR).read_text()
     except FileNotFoundError:
-        raise TileIndexError(f"{header.path}: has no ANN index {path}; build it with "
-                             f"`rsmclip-geo ann-index {header.path}` or search with --exact") from None
+        raise TileIndexError(f"{header.path}: has no ANN index {path}; build its ANN index or search exactly "
+                             "(exact=True)") from None
     except OSError as exc:
         raise TileIndexError(f"{path / SIDECAR}: unreadable ANN sidecar ({exc.strerror}); {rebuild}") from None
     try:

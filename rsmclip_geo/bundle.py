@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rsmclip_geo.errors import BundleError
+from rsmclip_geo.files import sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -204,6 +205,27 @@ class Bundle:
             raise BundleError(f"{self.path}: the towers fail on a blank input ({reason[:200]}); bundle.json does "
                               "not match the ONNX graphs, re-export the bundle") from exc
 
+    @property
+    def text_fingerprint(self) -> str:
+        """sha256 over what turns a text into its vector: text.onnx, tokenizer.json and the vocabulary (its prompt
+        templates) digests and the model fields; the key of cached query vectors."""
+        names = (TEXT_ONNX, TOKENIZER_JSON, self.info.vocabulary or "")
+        payload = {"files": {name: self.info.files.get(name, "") for name in names if name},
+                   "model": self.info.model_fields()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+    def prompt_templates_by_language(self) -> dict[str, tuple[str, ...]]:
+        """Caption templates per language from the bundle's vocabulary (empty without)."""
+        return prompt_templates(str(self.path), self.info.vocabulary)
+
+    def prompt_templates(self, lang: str) -> tuple[str, ...] | None:
+        """The bundle's caption templates of `lang`; None when the bundle has templates but none for `lang`,
+        () when it has none at all (queries are then encoded as typed)."""
+        templates = self.prompt_templates_by_language()
+        if not templates:
+            return ()
+        return templates.get(lang)
+
     def outside_vocabulary(self, texts: Sequence[str]) -> list[str]:
         """The texts sharing no term with the vocabulary the model was trained on (none without a vocabulary)."""
         terms = vocabulary_terms(str(self.path), self.info.vocabulary)
@@ -230,13 +252,19 @@ def vocabulary_terms(bundle_path: str, vocabulary: str | None) -> frozenset[str]
         return frozenset()
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@lru_cache(maxsize=8)
+def prompt_templates(bundle_path: str, vocabulary: str | None) -> dict[str, tuple[str, ...]]:
+    """Caption templates ("{}" = the query) per language from a bundle's vocabulary.json; empty when it has none."""
+    if not vocabulary:
+        return {}
+    try:
+        data = json.loads((Path(bundle_path) / vocabulary).read_text(encoding="utf-8"))
+        return {lang: tuple(str(t) for t in items if "{}" in str(t))
+                for lang, items in (data.get("templates") or {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        log.warning("%s: vocabulary %s is unreadable; queries are encoded without prompt templates", bundle_path,
+                    vocabulary)
+        return {}
 
 
 def bundle_fingerprint(info: BundleInfo) -> str:
@@ -278,17 +306,18 @@ def resolve_bundle_path(model: str | os.PathLike | None) -> Path:
     candidate = Path(name).expanduser()
     if model is not None and (candidate.exists() or os.sep in name or (os.altsep and os.altsep in name)):
         if not candidate.is_dir():
-            raise BundleError(f"{candidate}: not a bundle directory (expected a folder with bundle.json)")
+            raise BundleError(f"model={candidate}: not a bundle directory (expected a folder with bundle.json)",
+                              param="model", value=candidate)
         return candidate
     for directory in models_dirs():
         if (directory / name / BUNDLE_JSON).is_file():
             return directory / name
     searched = ", ".join(str(d) for d in models_dirs())
     if model is None:
-        raise BundleError(f"the default model {DEFAULT_MODEL!r} is not installed (searched {searched}); "
-                          "pass --model PATH_TO_BUNDLE")
-    raise BundleError(f"model {name!r}: no such bundle directory or bundle name (searched {searched}); "
-                      f"pass a bundle path or add its folder to ${MODELS_ENV}")
+        raise BundleError(f"model: the default model {DEFAULT_MODEL!r} is not installed (searched {searched}); "
+                          "give a bundle directory", param="model")
+    raise BundleError(f"model={name}: no such bundle directory or bundle name (searched {searched}); "
+                      f"give a bundle path or add its folder to ${MODELS_ENV}", param="model", value=name)
 
 
 def read_bundle_info(path: Path) -> BundleInfo:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rsmclip_geo.display import display_width, fit
 from rsmclip_geo.encoders import Model
 from rsmclip_geo.errors import QueryError
-from rsmclip_geo.files import publish, temp_file
+from rsmclip_geo.raster import read_image
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +41,24 @@ def softmax_probabilities(image_embeddings: np.ndarray, text_embeddings: np.ndar
 
 
 def read_labels(labels: Sequence[str] | None, labels_file: str | os.PathLike | None) -> list[str]:
-    """Labels from --labels and --labels-file (one per line, blank lines and #-comments skipped)."""
+    """Labels from `labels` and `labels_file` (one per line, blank lines and #-comments skipped)."""
     result = [label.strip() for label in labels or []]
     if labels_file is not None:
         path = Path(labels_file)
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drops a byte order mark
         except (OSError, UnicodeDecodeError) as exc:
-            raise QueryError(f"--labels-file {path}: cannot be read ({type(exc).__name__}); give a UTF-8 text "
-                             "file with one label per line") from exc
+            raise QueryError(f"labels_file={path}: cannot be read ({type(exc).__name__}); give a UTF-8 text "
+                             "file with one label per line", param="labels_file", value=path) from exc
         result += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if any(not label for label in result):
-        raise QueryError("--labels: empty label; give non-empty texts")
+        raise QueryError("labels: empty label; give non-empty texts", param="labels")
     if len(result) < 2:
-        raise QueryError("--labels: give at least two labels (or a --labels-file) to classify against")
+        raise QueryError("labels: give at least two labels (or a labels file) to classify against", param="labels")
     duplicates = sorted({label for label in result if result.count(label) > 1})
     if duplicates:
-        raise QueryError(f"--labels: duplicate label(s) {', '.join(duplicates)}; give each label once")
+        raise QueryError(f"labels: duplicate label(s) {', '.join(duplicates)}; give each label once", param="labels")
     return result
-
-
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB; QueryError naming the file when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise QueryError(f"{path}: image not found")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise QueryError(f"{path}: not a readable image ({type(exc).__name__}); give a JPEG, PNG or RGB TIFF") from exc
 
 
 def classify_images(model: Model, images: Sequence[str | os.PathLike], labels: Sequence[str],
@@ -88,37 +73,9 @@ def classify_images(model: Model, images: Sequence[str | os.PathLike], labels: S
     step = batch_size or model.batch_size
     for start in range(0, len(images), step):
         paths = images[start:start + step]
-        probabilities = softmax_probabilities(model.encode_images([load_rgb(p) for p in paths]), text_embeddings,
+        probabilities = softmax_probabilities(model.encode_images([read_image(p) for p in paths]), text_embeddings,
                                               model.logit_scale)
         for path, row in zip(paths, probabilities):
             best = int(np.argmax(row))
             yield Classification(image=str(path), label=labels[best], score=float(row[best]),
                                  probabilities={label: float(p) for label, p in zip(labels, row)})
-
-
-def format_table(results: Sequence[Classification], top: int = 3) -> str:
-    """A human-readable table: image, then its ``top`` labels with percentages (names aligned by display width)."""
-    width = max(display_width(Path(r.image).name) for r in results)
-    lines = []
-    for result in results:
-        ranked = sorted(result.probabilities.items(), key=lambda item: -item[1])[:top]
-        cells = "  ".join(f"{label} {100 * p:5.1f} %" for label, p in ranked)
-        lines.append(f"{fit(Path(result.image).name, width)}  {cells}")
-    return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
-    from rsmclip_geo.export import check_writable
-
-    path = Path(path)
-    check_writable(path)
-    tmp = temp_file(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-

@@ -51,8 +51,9 @@ def resolve_providers(providers: Sequence[str] | str | None) -> tuple[list[str],
     resolved = [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
     for provider in resolved:
         if provider not in available:
-            raise RsmclipError(f"provider {provider!r} is not available in this onnxruntime "
-                               f"(available: {', '.join(available)}); choose another with --provider")
+            raise RsmclipError(f"providers={provider}: not available in this onnxruntime "
+                               f"(available: {', '.join(available)}); choose another provider", param="providers",
+                               value=provider)
     return resolved, True
 
 
@@ -117,8 +118,9 @@ class _OnnxTower:
                 ort.set_default_logger_severity(2)
         used = session.get_providers()
         if self.forced and self.providers[0] not in used:
-            raise RsmclipError(f"provider {self.providers[0]} failed to initialise for {self.path.name} "
-                               f"(running on {', '.join(used)}); check its libraries or choose --provider cpu")
+            raise RsmclipError(f"providers={self.providers[0]}: failed to initialise for {self.path.name} "
+                               f"(running on {', '.join(used)}); check its libraries or choose the cpu provider",
+                               param="providers", value=self.providers[0])
         log.info("%s: running on %s", self.path.name, used[0])
         self._check_io(session)
         return session
@@ -159,8 +161,8 @@ class TorchTowers:
 
     def __init__(self, bundle: Bundle, device: str | None) -> None:
         if not bundle.has_torch_weights:
-            raise BundleError(f"{bundle.path}: no {TORCH_WEIGHTS} + {TORCH_CONFIG}; export the bundle with "
-                              "--torch-weights or use the onnx backend")
+            raise BundleError(f"{bundle.path}: no {TORCH_WEIGHTS} + {TORCH_CONFIG}; export the bundle with its "
+                              "torch weights or use the onnx backend")
         try:
             import torch
 
@@ -263,7 +265,7 @@ class Model:
     def encode_tiles(self, tiles: np.ndarray, *, threads: int | None = None) -> np.ndarray:
         """uint8 [B,S,S,3] tiles at the model's input size (`prepare_tiles`) -> float32 [B,D], L2-normalised.
 
-        One encoder batch: the caller chooses its size (the pipeline's --batch-size chunks). ONNX
+        One encoder batch: the caller chooses its size (the pipeline's `batch_size` chunks). ONNX
         Runtime gets the tiles normalised on the CPU; the torch backend copies them to its device as
         uint8 (a quarter of the float32 bytes) and normalises them there. `threads` as in `encode_pixels`.
         """
@@ -334,3 +336,11 @@ def load_model(model: str | os.PathLike | Bundle | None = None, providers: Seque
         default_threads(threads)  # a clear error for zero or negative counts
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     return Model(bundle, providers=providers, threads=threads, backend=backend, batch_size=batch_size, device=device)
+
+
+def resolve_model(model: Model | Bundle | str | os.PathLike | None = None, threads: int | None = None) -> Model:
+    """A loaded model from None (the default bundle), a name, a path or a Bundle; anything else is taken to
+    be a loaded model (a Model, or an object with its methods) and returned as is."""
+    if model is None or isinstance(model, (str, os.PathLike, Bundle)):
+        return load_model(model, threads=threads)
+    return model

@@ -15,10 +15,10 @@ import shapely
 from rasterio.transform import Affine
 
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.files import publish, temp_file
-from rsmclip_geo.index import IndexMetadata, TileIndex, atomic_write_table, geo_metadata
+from rsmclip_geo.files import check_writable, publish, temp_file
+from rsmclip_geo.hits import HIT_PROPERTIES, Hit, hits_to_geojson
 from rsmclip_geo.raster import scene_fingerprint
-from rsmclip_geo.search import HIT_PROPERTIES, Hit
+from rsmclip_geo.tile_index import IndexMetadata, TileIndex, atomic_write_table, geo_metadata
 
 log = logging.getLogger(__name__)
 
@@ -28,41 +28,14 @@ HEATMAP_FORMATS = (".tif", ".tiff")
 HEATMAP_PIXELS_PER_STRIDE = 4
 
 
-def hits_to_geojson(hits: Sequence[Hit]) -> dict:
-    """A GeoJSON FeatureCollection (EPSG:4326, lon/lat, flat properties) of ranked hits."""
-    return {
-        "type": "FeatureCollection",
-        "features": [
-            {"type": "Feature", "geometry": shapely.geometry.mapping(hit.geometry), "properties": hit.properties()}
-            for hit in hits
-        ],
-    }
-
-
-def check_writable(path: Path, formats: Sequence[str] | None = None, option: str = "-o",
-                   directory: bool = False) -> None:
-    """RsmclipError naming the option when a file (or, with `directory`, a directory) cannot be
-    written at `path`; checked before any work."""
-    if formats is not None and path.suffix.lower() not in formats:
-        raise RsmclipError(f"{option} {path}: unknown output format; use one of {', '.join(formats)}")
-    if not directory and path.is_dir():
-        raise RsmclipError(f"{option} {path}: is a directory; give a file name")
-    if directory and path.is_file():
-        raise RsmclipError(f"{option} {path}: is a file; give a directory name (or a .parquet file name)")
-    if not path.parent.is_dir():
-        raise RsmclipError(f"{option} {path}: directory {path.parent} does not exist; create it or choose another path")
-    if not os.access(path.parent, os.W_OK):
-        raise RsmclipError(f"{option} {path}: directory {path.parent} is not writable; choose another output path")
-
-
 def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
     """Write hits as .geojson/.json, .gpkg or .parquet (by suffix), atomically; refused when a score is
     not a finite number (GeoJSON has no NaN)."""
     path = Path(path)
     check_writable(path, HIT_FORMATS)
     if not np.isfinite([hit.score for hit in hits]).all():
-        raise RsmclipError(f"-o {path}: a hit score is not a finite number (a damaged index or model); "
-                           "nothing written, check the index with `rsmclip-geo index --verify`")
+        raise RsmclipError(f"output={path}: a hit score is not a finite number (a damaged index or model); "
+                           "nothing written; verify the index", param="output", value=path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         atomic_write_table(_hits_table(hits), path)
@@ -83,11 +56,8 @@ def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
 def _hits_table(hits: Sequence[Hit]) -> pa.Table:
     """GeoParquet table of hits (WKB geometry in EPSG:4326)."""
     rows = [hit.properties() for hit in hits]
-    schema = pa.schema([
-        ("rank", pa.int32()), ("score", pa.float32()), ("query", pa.string()), ("scene", pa.string()),
-        ("tile_id", pa.string()), ("scale", pa.int16()), ("win_col", pa.int32()), ("win_row", pa.int32()),
-        ("win_width", pa.int32()), ("win_height", pa.int32()), ("geometry", pa.binary()),
-    ])
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in HIT_PROPERTIES.items()]
+                       + [("geometry", pa.binary())])
     columns = {name: [r[name] for r in rows] for name in schema.names if name != "geometry"}
     columns["geometry"] = [shapely.to_wkb(h.geometry) for h in hits]
     table = pa.Table.from_pydict(columns, schema=schema)
@@ -180,10 +150,10 @@ def check_heatmap(index: IndexMetadata, path: str | os.PathLike, *, scene: str |
     when it cannot be written there (see check_writable), `path` holds one of the index's scenes, or
     `scene` does not pick one scene."""
     path = Path(path)
-    check_writable(path, HEATMAP_FORMATS, option="--heatmap")
+    check_writable(path, HEATMAP_FORMATS, param="heatmap")
     if path.is_file() and os.access(path, os.R_OK) and scene_fingerprint(path) in index.scenes:
-        raise RsmclipError(f"--heatmap {path}: is a scene of {index.path} and would be overwritten; "
-                           "choose another path")
+        raise RsmclipError(f"heatmap={path}: is a scene of {index.path} and would be overwritten; "
+                           "choose another path", param="heatmap", value=path)
     return _pick_scene(index, scene)
 
 
@@ -192,9 +162,11 @@ def _pick_scene(index: IndexMetadata, scene: str | None) -> str:
     if scene is None:
         if len(index.scenes) != 1:
             names = ", ".join(Path(r["path"]).name for r in index.scenes.values())
-            raise RsmclipError(f"--heatmap: index holds {len(index.scenes)} scenes ({names}); pick one with --scene")
+            raise RsmclipError(f"scene: {index.path} holds {len(index.scenes)} scenes ({names}); pick the "
+                               "heatmap's scene", param="scene")
         return next(iter(index.scenes))
     for fingerprint, record in index.scenes.items():
         if scene in (fingerprint, record["path"], Path(record["path"]).name):
             return fingerprint
-    raise RsmclipError(f"--scene {scene}: not a scene of {index.path}; give a file name, path or fingerprint")
+    raise RsmclipError(f"scene={scene}: not a scene of {index.path}; give a file name, path or fingerprint",
+                       param="scene", value=scene)

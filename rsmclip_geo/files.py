@@ -7,10 +7,11 @@ rename, so outputs stay readable by the other users and services a GIS team shar
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,15 +51,22 @@ def publish(tmp: Path, path: Path) -> None:
 
 
 def replace_directory(tmp: Path, output: Path) -> None:
-    """Move a finished directory `tmp` to `output`, replacing what is there (by renames only)."""
+    """Move a finished directory `tmp` to `output`, replacing what is there (by renames only; what was
+    there is put back when the last rename fails)."""
     apply_default_mode(tmp)
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if not output.exists():
+        os.replace(tmp, output)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    old = aside / output.name
+    os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except OSError:
+        os.replace(old, output)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _os_reason(exc: OSError) -> str:
@@ -73,3 +81,45 @@ def write_errors(path: Path, advice: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise RsmclipError(f"{path}: cannot be written ({_os_reason(exc)}); {advice}") from None
+
+
+def check_writable(path: Path, formats: Sequence[str] | None = None, param: str = "output",
+                   directory: bool = False) -> None:
+    """RsmclipError naming the parameter when a file (or, with `directory`, a directory) cannot be
+    written at `path`; checked before any work."""
+    def fail(problem: str) -> RsmclipError:
+        return RsmclipError(f"{param}={path}: {problem}", param=param, value=path)
+
+    if formats is not None and path.suffix.lower() not in formats:
+        raise fail(f"unknown output format; use one of {', '.join(formats)}")
+    if not directory and path.is_dir():
+        raise fail("is a directory; give a file name")
+    if directory and path.is_file():
+        raise fail("is a file; give a directory name (or a .parquet file name)")
+    if not path.parent.is_dir():
+        raise fail(f"directory {path.parent} does not exist; create it or choose another path")
+    if not os.access(path.parent, os.W_OK):
+        raise fail(f"directory {path.parent} is not writable; choose another output path")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, param: str = "output") -> Path:
+    """Write UTF-8 `text` to a temporary file next to `path` and rename it into place."""
+    path = Path(path)
+    check_writable(path, param=param)
+    tmp = temp_file(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -50,7 +50,7 @@ def default_threads(threads: int | None) -> int:
     if threads is None:
         return max(1, os.cpu_count() or 1)
     if threads < 1:
-        raise RsmclipError(f"--threads {threads}: give a positive number of threads")
+        raise RsmclipError(f"threads={threads}: give a positive number of threads", param="threads", value=threads)
     return threads
 
 
@@ -114,7 +114,8 @@ def embed_scene(
     and raises Cancelled when it returns True.
     """
     if batch_size < 1:
-        raise RsmclipError(f"--batch-size {batch_size}: give a positive batch size")
+        raise RsmclipError(f"batch_size={batch_size}: give a positive batch size", param="batch_size",
+                           value=batch_size)
     windows = [w for w in tile_windows(scene, params) if w.tile_id(scene.fingerprint) not in skip]
     total = len(windows)
     threads = default_threads(threads)

@@ -23,7 +23,7 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from rsmclip_geo.errors import RasterError
+from rsmclip_geo.errors import RasterError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,12 @@ DECIMATION = Resampling.cubic
 GDAL_CACHE_MB = 256
 os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
 #: Most source pixels one read of a run of windows may span (SceneReader.read_windows): bounds GDAL's
-#: buffers when big tiles (large --tile-size or scales) are read in runs.
+#: buffers when big tiles (a large tile_size or scales) are read in runs.
 RUN_MAX_PIXELS = 4 * 1024 * 1024
 #: `open_scene(nodata=...)` default: the nodata value the file declares (if any).
 FILE_NODATA = "file"
 #: Share of a scene's outermost pixels that, zero in every band of a file declaring no nodata value or
-#: mask, makes open_scene suggest --nodata 0 (the black collar of a reprojected scene).
+#: mask, makes open_scene suggest nodata=0 (the black collar of a reprojected scene).
 COLLAR_WARN_FRACTION = 0.05
 #: Stand-in value of invalid pixels in masked resampling (GDAL leaves nodata pixels out of its kernels).
 _MASKED = float(np.finfo(np.float32).min)
@@ -186,9 +186,13 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
 
 
 def read_image(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None) -> np.ndarray:
-    """uint8 [h,w,3] RGB of an image chip of any band count and dtype (georeferencing not needed), with
-    open_scene's band choice and stretch and invalid pixels black; read at most SAMPLE_SIZE on its long side."""
+    """uint8 [h,w,3] RGB of an image chip. JPEG, PNG and other photos through Pillow, as they are; TIFFs of
+    any band count and dtype (georeferencing not needed), and any image when `bands` is given, like a scene:
+    open_scene's band choice and stretch, invalid pixels black, at most SAMPLE_SIZE on its long side.
+    RasterError naming the file when it is missing or not a readable image."""
     path = Path(path)
+    if bands is None and path.suffix.lower() not in (".tif", ".tiff"):
+        return _read_photo(path)
     src = _open_dataset(path)
     with src:
         rgb, _ = choose_bands(src, bands, path)
@@ -196,6 +200,19 @@ def read_image(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
         image = to_uint8(sample, scene_stretch(src, rgb, sample, valid))
     image[:, ~valid] = 0
     return np.ascontiguousarray(image.transpose(1, 2, 0))
+
+
+def _read_photo(path: Path) -> np.ndarray:
+    """uint8 [h,w,3] RGB of an ordinary image file through Pillow; RasterError naming it when unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise RasterError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RasterError(f"{path}: not a readable image ({first_line(exc, root_cause=True)}); give a JPEG, PNG or TIFF") from None
 
 
 def _open_dataset(path: Path) -> rasterio.DatasetReader:
@@ -210,7 +227,7 @@ def _open_dataset(path: Path) -> rasterio.DatasetReader:
             return rasterio.open(path)
     except RasterioError as exc:
         raise RasterError(
-            f"{path}: cannot be opened as a raster ({_first_line(exc)}); it is not a raster or it is "
+            f"{path}: cannot be opened as a raster ({first_line(exc, root_cause=True)}); it is not a raster or it is "
             "truncated or corrupt; give a GeoTIFF") from None
 
 
@@ -239,7 +256,7 @@ def warn_zero_collar(path: Path, sample: np.ndarray, valid: np.ndarray) -> None:
     edge = np.concatenate([zero[0], zero[-1], zero[1:-1, 0], zero[1:-1, -1]])
     if edge.mean() >= COLLAR_WARN_FRACTION:
         log.warning("%s: %.0f %% of the scene's edge is zero in every band but the file declares no nodata "
-                    "value; if that is fill (e.g. a black collar), rerun with --nodata 0", path, 100 * edge.mean())
+                    "value; if that is fill (e.g. a black collar), rerun with nodata=0", path, 100 * edge.mean())
 
 
 def choose_bands(
@@ -250,8 +267,9 @@ def choose_bands(
     alpha = interp.index(ColorInterp.alpha) + 1 if ColorInterp.alpha in interp else None
     if bands is not None:
         if len(bands) != 3 or any(not 1 <= b <= src.count for b in bands):
-            raise RasterError(
-                f"{path}: --bands {','.join(map(str, bands))} is not three band numbers in 1..{src.count}")
+            given = ",".join(map(str, bands))
+            raise RasterError(f"bands={given}: not three band numbers in 1..{src.count} of {path}", param="bands",
+                              value=given)
         return (int(bands[0]), int(bands[1]), int(bands[2])), alpha
     colour = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
     if all(c in interp for c in colour):
@@ -262,8 +280,8 @@ def choose_bands(
     if src.count == 3 and alpha is None:
         return (1, 2, 3), None
     raise RasterError(
-        f"{path}: {src.count} bands ({', '.join(c.name for c in interp)}) have no red/green/blue "
-        "colour interpretation; choose the RGB bands with --bands R,G,B (e.g. --bands 3,2,1)"
+        f"bands: {path} has {src.count} bands ({', '.join(c.name for c in interp)}) and no red/green/blue "
+        "colour interpretation; choose its R,G,B bands, e.g. 3,2,1", param="bands"
     )
 
 
@@ -282,7 +300,7 @@ def _decimated_sample(
             valid = (src.read_masks(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest) > 0
                      ).any(axis=0)
     except RasterioError as exc:
-        raise RasterError(f"{path}: pixels cannot be read ({_first_line(exc)}); the file is truncated or corrupt") from None
+        raise RasterError(f"{path}: pixels cannot be read ({first_line(exc, root_cause=True)}); the file is truncated or corrupt") from None
     data = data[[unique.index(b) for b in rgb]]
     return data, valid & value_validity(data, nodata)
 
@@ -365,7 +383,7 @@ class SceneReader:
         try:
             self._src = rasterio.open(scene.path)
         except RasterioError as exc:
-            raise RasterError(f"{scene.path}: cannot be opened ({_first_line(exc)})") from None
+            raise RasterError(f"{scene.path}: cannot be opened ({first_line(exc, root_cause=True)})") from None
         self._masks = uses_file_masks(self._src, self._unique, scene.nodata_overridden)
         self._floating = any(np.issubdtype(np.dtype(self._src.dtypes[b - 1]), np.floating) for b in self._unique)
         self._override = scene.nodata_overridden and scene.nodata is not None
@@ -414,7 +432,7 @@ class SceneReader:
         except RasterioError as exc:
             raise RasterError(
                 f"{self.scene.path}: pixels of window col={col} row={row} cannot be read "
-                f"({_first_line(exc)}); the file is truncated or corrupt") from None
+                f"({first_line(exc, root_cause=True)}); the file is truncated or corrupt") from None
         rgb = to_uint8(data[self._order], self.scene.stretch)
         rgb[:, ~valid] = 0
         return np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid
@@ -487,11 +505,3 @@ def resample_masked(data: np.ndarray, valid: np.ndarray, window: Window, shape: 
             out = dataset.read(window=window, out_shape=(bands, *shape), resampling=DECIMATION)
     out[out == _MASKED] = np.nan
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    """First line of an error message, preferring GDAL's underlying cause."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

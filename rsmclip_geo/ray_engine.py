@@ -1,6 +1,6 @@
-"""Many scenes on Ray Data: the indexer behind `rsmclip-geo index --engine ray`.
+"""Many scenes on Ray Data: the indexer behind `RayEngine` (the CLI's index with the ray engine).
 
-The same job as `rsmclip_geo.index.index_scenes`, spread over a Ray cluster (a local one by default):
+The same job as `rsmclip_geo.indexer.LocalEngine`, spread over a Ray cluster (a local one by default):
 
   driver   plan_index(): every check, band mapping, per-scene stretch and the tile plan
   tasks    read_chunks(): windowed reads, skip rules and model-size uint8 tiles of one chunk of windows
@@ -17,17 +17,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rsmclip_geo.errors import BundleError, RsmclipError
-from rsmclip_geo.index import IndexJob, batch_table, index_is_file, plan_index
+from rsmclip_geo.errors import BundleError, RsmclipError, first_line
+from rsmclip_geo.indexer import IndexJob
 from rsmclip_geo.pipeline import (CancelCallback, Cancelled, EmbeddedBatch, ProgressCallback, default_threads,
                                   read_chunk)
-from rsmclip_geo.raster import FILE_NODATA, Scene, SceneReader
+from rsmclip_geo.raster import Scene, SceneReader
+from rsmclip_geo.tile_index import batch_table, index_is_file
 from rsmclip_geo.tiling import TilingParams, TileWindow
 
 log = logging.getLogger(__name__)
@@ -42,24 +44,25 @@ _WINDOW_COLUMNS = ("col", "row", "width", "height", "scale")
 def check_ray_available() -> None:
     """RsmclipError when Ray Data is not installed."""
     if importlib.util.find_spec("ray") is None:
-        raise RsmclipError("--engine ray needs Ray Data: pip install 'rsmclip-geo[ray]' (or 'ray[data]'), "
-                           "or use --engine local")
+        raise RsmclipError("engine=ray: needs Ray Data; pip install 'rsmclip-geo[ray]' (or 'ray[data]'), "
+                           "or use the local engine", param="engine", value="ray")
 
 
 def check_ray_options(output: str | os.PathLike, workers: int | None, cpus_per_worker: float,
-                      gpus_per_worker: float | None, batch_size: int) -> None:
+                      gpus_per_worker: float | None) -> None:
     """The options only the Ray engine has, checked before anything starts."""
     if index_is_file(Path(output)):
-        raise RsmclipError(f"-o {output}: --engine ray writes a directory of GeoParquet shards; "
-                           "give a directory name (no .parquet suffix)")
+        raise RsmclipError(f"output={output}: the ray engine writes a directory of GeoParquet shards; "
+                           "give a directory name (no .parquet suffix)", param="output", value=output)
     if workers is not None and workers < 1:
-        raise RsmclipError(f"--workers {workers}: give a positive number of encoder actors")
+        raise RsmclipError(f"workers={workers}: give a positive number of encoder actors", param="workers",
+                           value=workers)
     if not cpus_per_worker > 0:
-        raise RsmclipError(f"--cpus-per-worker {cpus_per_worker}: give a positive number of CPUs")
+        raise RsmclipError(f"cpus_per_worker={cpus_per_worker}: give a positive number of CPUs",
+                           param="cpus_per_worker", value=cpus_per_worker)
     if gpus_per_worker is not None and gpus_per_worker < 0:
-        raise RsmclipError(f"--gpus-per-worker {gpus_per_worker}: give 0 (CPU only) or a positive number of GPUs")
-    if batch_size < 1:
-        raise RsmclipError(f"--batch-size {batch_size}: give a positive batch size")
+        raise RsmclipError(f"gpus_per_worker={gpus_per_worker}: give 0 (CPU only) or a positive number of GPUs",
+                           param="gpus_per_worker", value=gpus_per_worker)
 
 
 def connect_ray(address: str | None, workers: int | None, cpus_per_worker: float) -> bool:
@@ -82,14 +85,14 @@ def connect_ray(address: str | None, workers: int | None, cpus_per_worker: float
             ray.init(num_cpus=max(cores, int(np.ceil(wanted))), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                      **options)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        where = f"--address {address}: cannot join the Ray cluster" if address else "a local Ray instance did not start"
-        raise RsmclipError(f"{where} ({_first_line(exc)}); check `ray status` on the head node, "
-                           "or use --engine local") from None
+        where = f"address={address}: cannot join the Ray cluster" if address else "a local Ray instance did not start"
+        raise RsmclipError(f"{where} ({first_line(exc)}); check `ray status` on the head node, "
+                           "or use the local engine", param="address" if address else None, value=address) from None
     except Exception as exc:  # Ray raises a bare Exception when a local node times out during startup
         if address:
             raise
-        raise RsmclipError(f"a local Ray instance did not start ({_first_line(exc)}); "
-                           "retry on a less busy machine or use --engine local") from None
+        raise RsmclipError(f"a local Ray instance did not start ({first_line(exc)}); "
+                           "retry on a less busy machine or use the local engine") from None
     return True
 
 
@@ -111,9 +114,9 @@ def encoder_layout(workers: int | None, cpus_per_worker: float, gpus_per_worker:
             workers = max(1, int((cpus - READER_CPUS) // cpus_per_worker))
     if workers * cpus_per_worker + READER_CPUS > cpus or workers * gpus_per_worker > gpus:
         raise RsmclipError(
-            f"--workers {workers}: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, too few for {workers} "
+            f"workers={workers}: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, too few for {workers} "
             f"encoders of {cpus_per_worker:g} CPU and {gpus_per_worker:g} GPU plus one window reader; "
-            "lower --workers, --cpus-per-worker or --gpus-per-worker")
+            "give fewer workers, or fewer CPUs or GPUs per worker", param="workers", value=workers)
     return workers, gpus_per_worker
 
 
@@ -181,47 +184,46 @@ class TileEncoder:
         return result
 
 
-def index_scenes_ray(
-    scenes: Sequence[str | os.PathLike | Scene],
-    output: str | os.PathLike,
-    *,
-    model=None,
-    tiling: TilingParams = TilingParams(),
-    bands: tuple[int, int, int] | None = None,
-    nodata: float | str | None = FILE_NODATA,
-    batch_size: int = 32,
-    address: str | None = None,
-    workers: int | None = None,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelCallback | None = None,
-    threads: int | None = None,
-) -> Path:
-    """Build a tile index (a directory of GeoParquet shards) with Ray Data.
+@dataclass(frozen=True)
+class RayEngine:
+    """Ray Data over a cluster (a local one by default): writes a directory of GeoParquet shards.
 
-    Scenes, the bundle and `output`'s parent are read by path on every node, so on a cluster they
+    Scenes, the bundle and the output's parent are read by path on every node, so on a cluster they
     must sit on shared storage (the shards are written by the driver). `address` joins a running
-    cluster (None: this process's Ray if initialised, else a new local one); `workers` encoder
-    actors with `cpus_per_worker` CPUs and `gpus_per_worker` GPUs each (None: 1 when the cluster
-    has GPUs); `threads`: ONNX Runtime threads per actor (default: its CPUs). Every input check runs
-    before Ray starts.
+    cluster (None: this process's Ray if initialised, else a new local one); `workers` encoder actors
+    with `cpus_per_worker` CPUs and `gpus_per_worker` GPUs each (None: 1 when the cluster has GPUs);
+    the job's `threads`: ONNX Runtime threads per actor (default: its CPUs). Every check runs before
+    Ray starts.
     """
-    check_ray_available()
-    check_ray_options(output, workers, cpus_per_worker, gpus_per_worker, batch_size)
-    actor_threads = default_threads(threads) if threads is not None else max(1, round(cpus_per_worker))
-    job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, nodata=nodata, threads=threads)
-    with job.locked():  # before Ray starts: a second writer of the output is refused at once
-        started = connect_ray(address, workers, cpus_per_worker)
-        try:
-            workers, gpus_per_worker = encoder_layout(workers, cpus_per_worker, gpus_per_worker)
-            _run(job, batch_size, workers, cpus_per_worker, gpus_per_worker, actor_threads, progress, cancel)
-        finally:
-            if started:
-                import ray
 
-                ray.shutdown()
-    return job.output
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+
+    def check(self, output: Path, model: object) -> None:
+        """Ray installed, a directory output, sensible actor sizes, and a model on ONNX Runtime."""
+        check_ray_available()
+        check_ray_options(output, self.workers, self.cpus_per_worker, self.gpus_per_worker)
+        if getattr(model, "backend", "onnx") == "torch":
+            raise RsmclipError("engine=ray: its encoder actors run ONNX Runtime; load the model with "
+                               "backend='onnx' or index with the local engine", param="engine", value="ray")
+
+    def run(self, job: IndexJob, *, batch_size: int, progress: ProgressCallback | None,
+            cancel: CancelCallback | None, threads: int | None) -> None:
+        """Stream the job through Ray Data (started or joined here) into its shards, then assemble it."""
+        actor_threads = default_threads(threads) if threads is not None else max(1, round(self.cpus_per_worker))
+        with job.locked():  # before Ray starts: a second writer of the output is refused at once
+            started = connect_ray(self.address, self.workers, self.cpus_per_worker)
+            try:
+                workers, gpus_per_worker = encoder_layout(self.workers, self.cpus_per_worker, self.gpus_per_worker)
+                _run(job, batch_size, workers, self.cpus_per_worker, gpus_per_worker, actor_threads, progress,
+                     cancel)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
 
 
 def _run(job: IndexJob, batch_size: int, workers: int, cpus_per_worker: float, gpus_per_worker: float,
@@ -306,8 +308,3 @@ def _quiet_ray_data() -> Iterator[None]:
         yield
     finally:
         context.enable_progress_bars, context.print_on_execution_start = saved
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

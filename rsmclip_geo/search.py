@@ -1,10 +1,10 @@
-"""Search a tile index: text or example → cosine scores → filters → NMS → ranked hits."""
+"""Search a tile index: text or example → cosine scores → filters (threshold, area of interest) →
+NMS → ranked hits; exact over the tiles in memory, or through the index's ANN index when large."""
 
 from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +14,12 @@ import pyarrow as pa
 import shapely
 
 from rsmclip_geo.errors import QueryError, RasterError, RsmclipError
-from rsmclip_geo.index import IndexHeader, TileIndex, default_cache_dir
+from rsmclip_geo.feedback import DEFAULT_FEEDBACK_METHOD, FEEDBACK_METHODS, Labels, refine
+from rsmclip_geo.hits import HIT_COLUMNS, Hit, hits_from_table
+from rsmclip_geo.queries import clean_queries, query_vectors, warn_long_queries, warn_unknown_queries
+from rsmclip_geo.caches import QueryCache
 from rsmclip_geo.raster import read_image
+from rsmclip_geo.tile_index import IndexHeader, TileIndex
 
 log = logging.getLogger(__name__)
 
@@ -25,182 +29,47 @@ SCORE_CHUNK = 65536
 ANN_MIN_ROWS = 100_000
 #: ANN candidates fetched per wanted hit (NMS, thresholds and AOI drop some); doubled until enough.
 ANN_CANDIDATES_PER_HIT = 8
-#: File of the query-embedding cache, under the cache directory ($RSMCLIP_GEO_CACHE).
-QUERY_CACHE_FILE = "query-embeddings.sqlite"
-
-#: Prompt templates per language ({} = the query); the query embedding is their mean with the bare query.
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "en": ("a satellite image of {}.", "an aerial photograph of {}."),
-    "pt": ("uma imagem de satélite de {}.", "uma fotografia aérea de {}."),
-    "es": ("una imagen de satélite de {}.", "una fotografía aérea de {}."),
-    "fr": ("une image satellite de {}.", "une photographie aérienne de {}."),
-    "de": ("ein Satellitenbild von {}.", "ein Luftbild von {}."),
-    "nl": ("een satellietbeeld van {}.", "een luchtfoto van {}."),
-    "it": ("un'immagine satellitare di {}.", "una fotografia aerea di {}."),
-    "zh": ("{}的卫星图像。", "{}的航拍照片。"),
-    "ko": ("{}의 위성 사진.", "{}의 항공 사진."),
-    "ru": ("спутниковый снимок: {}.", "аэрофотоснимок: {}."),
-}
-
-
-#: Flat properties of a hit in every output format, in order.
-HIT_PROPERTIES = ("rank", "score", "query", "scene", "tile_id", "scale", "win_col", "win_row", "win_width", "win_height")
 
 
 @dataclass(frozen=True)
-class Hit:
-    """One ranked tile for one query."""
+class SearchParams:
+    """Which tiles become hits: per query, the `top_k` best scoring at least `threshold` whose footprint
+    meets `aoi`, none overlapping a better one of its scene by more than `nms_overlap` of the smaller tile.
 
-    rank: int
-    score: float
-    query: str
-    scene: str
-    scene_fingerprint: str
-    tile_id: str
-    scale: int
-    win_col: int
-    win_row: int
-    win_width: int
-    win_height: int
-    geometry: shapely.Polygon  # EPSG:4326, lon/lat
-
-    def properties(self) -> dict:
-        """Flat properties for GeoJSON / GeoPackage / Parquet output."""
-        values = {name: getattr(self, name) for name in HIT_PROPERTIES}
-        values["score"] = round(self.score, 6)
-        return values
-
-
-def clean_queries(queries: str | Sequence[str]) -> list[str]:
-    """Stripped queries; QueryError if none is left or one is empty."""
-    items = [queries] if isinstance(queries, str) else list(queries)
-    if not items:
-        raise QueryError("no query given: type what to look for, e.g. \"airport\" or \"aeroporto\"")
-    cleaned = [" ".join(str(q).split()) for q in items]
-    if any(not q for q in cleaned):
-        raise QueryError("empty query: type what to look for, e.g. \"airport\" or \"aeroporto\"")
-    return cleaned
-
-
-def warn_long_queries(model, queries: Sequence[str]) -> None:
-    """Warn about queries longer than the text tower's context (the tokenizer truncates them)."""
-    limit = int(model.bundle.info.context_length)
-    for query in queries:
-        if len(model.tokenizer.tokens(query)) + 2 > limit:  # + start and end tokens
-            log.warning("query %r… is longer than the model's %d tokens; it is truncated", query[:40], limit)
-
-
-def warn_unknown_queries(model, queries: Sequence[str]) -> None:
-    """Warn about queries sharing no term with the vocabulary the model was trained on."""
-    for query in model.bundle.outside_vocabulary(queries):
-        log.warning("query %r contains no term model %r was trained on; its ranking may be unreliable",
-                    query[:60], model.bundle.info.name)
-
-
-class QueryCache:
-    """On-disk text embeddings keyed by bundle fingerprint, prompt language and exact query string.
-
-    A SQLite file under the cache directory, so a repeated query does not run the text tower again.
+    `aoi`: a (minlon, minlat, maxlon, maxlat) bbox or "a,b,c,d" string, a shapely geometry (EPSG:4326) or
+    a vector file. `lang`: also average the query over that language's prompt templates. `exact`: score
+    every tile even when the index is large enough for its ANN index. `labels`: tiles marked right or wrong
+    (feedback.Labels): the query is refined with them by `feedback_method` and the judged tiles are left
+    out of the ranking (a search with labels is exact).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None):
-        if path is None:
-            try:
-                path = default_cache_dir() / QUERY_CACHE_FILE
-            except RsmclipError as exc:  # no cache directory: queries are encoded every time
-                log.warning("%s; queries are not cached", exc)
-        self.path = Path(path) if path is not None else None
-        self._db: sqlite3.Connection | None = None
+    top_k: int = 10
+    threshold: float | None = None
+    aoi: object = None
+    nms_overlap: float = 0.5
+    lang: str | None = None
+    exact: bool = False
+    labels: Labels | None = None
+    feedback_method: str = DEFAULT_FEEDBACK_METHOD
 
-    def _connect(self) -> sqlite3.Connection | None:
-        if self._db is None and self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self._db = self._open()
-                except sqlite3.OperationalError:  # locked, read-only, I/O: the file itself may be fine
-                    raise
-                except sqlite3.DatabaseError as exc:  # not SQLite, damaged, or another schema: start afresh
-                    log.warning("query cache %s is corrupt (%s); rebuilding it", self.path, exc)
-                    self.path.unlink()
-                    self._db = self._open()
-            except (OSError, sqlite3.Error) as exc:
-                log.warning("query cache %s unusable (%s); queries are not cached", self.path, exc)
-                self._db = None
-        return self._db
+    def check(self) -> None:
+        """QueryError naming the first parameter out of range."""
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise QueryError(f"top_k={self.top_k}: give a positive number of hits", param="top_k", value=self.top_k)
+        if not 0.0 <= self.nms_overlap <= 1.0:
+            raise QueryError(f"nms_overlap={self.nms_overlap}: give an overlap fraction between 0 and 1 (1 = keep "
+                             "overlapping tiles)", param="nms_overlap", value=self.nms_overlap)
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise QueryError(f"threshold={self.threshold}: cosine scores lie between -1 and 1", param="threshold",
+                             value=self.threshold)
+        if self.feedback_method not in FEEDBACK_METHODS:
+            raise QueryError(f"feedback_method={self.feedback_method}: choose one of {', '.join(FEEDBACK_METHODS)}",
+                             param="feedback_method", value=self.feedback_method)
 
-    def _open(self) -> sqlite3.Connection:
-        """A connection to the cache file, its table created; sqlite3.DatabaseError when the file is unusable."""
-        db = sqlite3.connect(self.path, timeout=10)
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS query (bundle TEXT, lang TEXT, text TEXT, "
-                       "vector BLOB, PRIMARY KEY (bundle, lang, text))")
-            columns = [row[1] for row in db.execute("PRAGMA table_info(query)")]
-            if columns != ["bundle", "lang", "text", "vector"]:
-                raise sqlite3.DatabaseError(f"table query has columns {', '.join(columns)}")
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("integrity check failed")
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def get(self, bundle: str, lang: str | None, queries: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cached float32 vectors of those queries that are cached."""
-        db = self._connect()
-        if db is None:
-            return {}
-        found = {}
-        try:
-            for text in set(queries):
-                row = db.execute("SELECT vector FROM query WHERE bundle=? AND lang=? AND text=?",
-                                 (bundle, lang or "", text)).fetchone()
-                if row is not None:
-                    found[text] = np.frombuffer(row[0], dtype=np.float32).copy()
-        except sqlite3.Error as exc:
-            log.warning("query cache %s unreadable (%s); encoding the queries", self.path, exc)
-            return {}
-        return found
-
-    def put(self, bundle: str, lang: str | None, vectors: dict[str, np.ndarray]) -> None:
-        db = self._connect()
-        if db is None or not vectors:
-            return
-        try:
-            with db:
-                db.executemany("INSERT OR REPLACE INTO query VALUES (?, ?, ?, ?)",
-                               [(bundle, lang or "", text, np.asarray(v, np.float32).tobytes())
-                                for text, v in vectors.items()])
-        except sqlite3.Error as exc:
-            log.warning("query cache %s not writable (%s); queries are not cached", self.path, exc)
-
-
-def _encode_queries(model, queries: Sequence[str], lang: str | None) -> np.ndarray:
-    """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates."""
-    if lang is None:
-        return model.encode_texts(list(queries))
-    variants = [[q] + [t.format(q) for t in TEMPLATES[lang]] for q in queries]
-    flat = model.encode_texts([v for group in variants for v in group])
-    vectors = flat.reshape(len(queries), len(variants[0]), -1).mean(axis=1)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def query_vectors(model, queries: Sequence[str], lang: str | None = None,
-                  cache: QueryCache | None = None) -> np.ndarray:
-    """float32 [Q, D] L2-normalised query embeddings, averaged over `lang`'s prompt templates;
-    with a cache, only the queries it lacks run the text tower."""
-    if lang is not None and lang not in TEMPLATES:
-        raise QueryError(f"--lang {lang}: no prompt templates; choose one of {', '.join(TEMPLATES)}")
-    if cache is None:
-        return _encode_queries(model, queries, lang)
-    bundle = model.bundle.fingerprint
-    known = cache.get(bundle, lang, queries)
-    missing = list(dict.fromkeys(q for q in queries if q not in known))
-    if missing:
-        fresh = dict(zip(missing, _encode_queries(model, missing, lang)))
-        cache.put(bundle, lang, fresh)
-        known.update(fresh)
-    return np.stack([known[q] for q in queries]).astype(np.float32)
+    @property
+    def judged(self) -> bool:
+        """Whether the search has tiles marked right or wrong."""
+        return bool(self.labels)
 
 
 def score_tiles(index: TileIndex, vectors: np.ndarray) -> np.ndarray:
@@ -232,22 +101,25 @@ def parse_aoi(aoi) -> shapely.Geometry | None:
         try:
             aoi = tuple(float(v) for v in aoi.split(","))
         except ValueError:
-            raise QueryError(f"--aoi {aoi}: give minlon,minlat,maxlon,maxlat or a vector file") from None
+            raise QueryError(f"aoi={aoi}: give minlon,minlat,maxlon,maxlat or a vector file", param="aoi",
+                             value=aoi) from None
     if isinstance(aoi, (tuple, list)):
         if len(aoi) != 4 or not (aoi[0] < aoi[2] and aoi[1] < aoi[3]):
-            raise QueryError(f"--aoi {aoi}: a bbox is minlon,minlat,maxlon,maxlat with min < max")
+            raise QueryError(f"aoi={aoi}: a bbox is minlon,minlat,maxlon,maxlat with min < max", param="aoi",
+                             value=aoi)
         return shapely.box(*aoi)
     path = Path(aoi)
     if not path.exists():
-        raise QueryError(f"--aoi {aoi}: no such file; give minlon,minlat,maxlon,maxlat or a vector file")
+        raise QueryError(f"aoi={aoi}: no such file; give minlon,minlat,maxlon,maxlat or a vector file", param="aoi",
+                         value=aoi)
     import geopandas
 
     try:
         frame = geopandas.read_file(path)
     except Exception as exc:  # pyogrio raises several types for unreadable files
-        raise QueryError(f"--aoi {path}: not a readable vector file ({exc})") from None
+        raise QueryError(f"aoi={path}: not a readable vector file ({exc})", param="aoi", value=path) from None
     if frame.empty:
-        raise QueryError(f"--aoi {path}: holds no features")
+        raise QueryError(f"aoi={path}: holds no features", param="aoi", value=path)
     if frame.crs is not None:
         frame = frame.to_crs(4326)
     return shapely.union_all(frame.geometry.values)
@@ -261,11 +133,6 @@ def window_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ix * iy) / smaller
 
 
-#: Tile columns a hit is built from.
-HIT_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "scale", "win_col", "win_row", "win_width", "win_height",
-               "geometry"]
-
-
 def nms_select(windows: np.ndarray, scenes: np.ndarray, top_k: int, nms_overlap: float) -> list[int]:
     """Greedy NMS within each scene over candidates already sorted best first: positions of ≤ top_k kept."""
     kept: list[int] = []
@@ -277,19 +144,6 @@ def nms_select(windows: np.ndarray, scenes: np.ndarray, top_k: int, nms_overlap:
             continue
         kept.append(i)
     return kept
-
-
-def hits_from_table(table, scores: Sequence[float], query: str) -> list[Hit]:
-    """Hits from the HIT_COLUMNS of the kept rows (best first) and their scores."""
-    columns = {name: table.column(name).to_pylist() for name in HIT_COLUMNS if name != "geometry"}
-    geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
-    return [
-        Hit(rank=i + 1, score=float(score), query=query, scene=columns["scene"][i],
-            scene_fingerprint=columns["scene_fingerprint"][i], tile_id=columns["tile_id"][i],
-            scale=int(columns["scale"][i]), win_col=int(columns["win_col"][i]), win_row=int(columns["win_row"][i]),
-            win_width=int(columns["win_width"][i]), win_height=int(columns["win_height"][i]), geometry=geometries[i])
-        for i, score in enumerate(scores)
-    ]
 
 
 def rank_hits(
@@ -343,15 +197,6 @@ def ann_rank_hits(
     return hits_from_table(table, scores[kept], query)
 
 
-def _check_search_params(top_k: int, nms_overlap: float, threshold: float | None) -> None:
-    if top_k < 1:
-        raise QueryError(f"--top-k {top_k}: give a positive number of hits")
-    if not 0.0 <= nms_overlap <= 1.0:
-        raise QueryError(f"--nms {nms_overlap}: give an overlap fraction between 0 and 1 (1 = keep overlapping tiles)")
-    if threshold is not None and not -1.0 <= threshold <= 1.0:
-        raise QueryError(f"--threshold {threshold}: cosine scores lie between -1 and 1")
-
-
 def warn_aoi_misses(aoi, geometry: shapely.Geometry, bounds: Sequence[float], where: Path) -> None:
     """Warn that an AOI covers no tile of an index with these lon/lat bounds, and when it looks like
     lat,lon order (swapped, it would cover the index)."""
@@ -360,7 +205,7 @@ def warn_aoi_misses(aoi, geometry: shapely.Geometry, bounds: Sequence[float], wh
     hint = ""
     if swapped.intersects(shapely.box(*bounds)):
         hint = "; it looks like lat,lon order: swapped, it covers the index (give minlon,minlat,maxlon,maxlat)"
-    log.warning("--aoi %s covers no tile of %s (index bounds lon,lat %s)%s", given, where,
+    log.warning("aoi=%s covers no tile of %s (index bounds lon,lat %s)%s", given, where,
                 ",".join(f"{v:.6f}" for v in bounds), hint)
 
 
@@ -399,8 +244,8 @@ def open_ann(header: IndexHeader, exact: bool, ann_min_rows: int):
                     header.path, len(header))
         return None
     if not ann_path(header.path).is_dir():
-        log.warning("%s: %d tiles and no ANN index; exact search (build one with `rsmclip-geo ann-index %s`)",
-                    header.path, len(header), header.path)
+        log.warning("%s: %d tiles and no ANN index; exact search (build its ANN index to search faster)",
+                    header.path, len(header))
         return None
     return AnnIndex.open(header)
 
@@ -410,66 +255,60 @@ def search_index(
     queries: str | Sequence[str],
     *,
     model=None,
-    top_k: int = 10,
-    threshold: float | None = None,
-    aoi=None,
-    nms_overlap: float = 0.5,
-    lang: str | None = None,
+    params: SearchParams = SearchParams(),
     threads: int | None = None,
-    exact: bool = False,
     ann_min_rows: int = ANN_MIN_ROWS,
     query_cache: QueryCache | None = None,
-) -> list[Hit]:
-    """Ranked hits (1..top_k per query) of text queries in any language over a tile index.
+) -> tuple[list[Hit], np.ndarray | None]:
+    """Ranked hits (1..top_k per query) of text queries in any language over a tile index, and every
+    tile's score per query (float32 [Q, N]) when the search was exact (None through an ANN index).
 
     An index given by path or as an IndexHeader with more than `ann_min_rows` tiles is searched
-    through its ANN index (rsmclip_geo.ann) without loading it; `exact` forces exact search over all
-    tiles. Query embeddings come from `query_cache` when given.
+    through its ANN index (rsmclip_geo.ann) without loading it, unless `params.exact`. Query
+    embeddings come from `query_cache` when given.
     """
     queries = clean_queries(queries)
-    _check_search_params(top_k, nms_overlap, threshold)
+    params.check()
     if isinstance(index, TileIndex):
         header = None
     else:
         header = index if isinstance(index, IndexHeader) else IndexHeader.read(index)
-    ann = None if header is None else open_ann(header, exact, ann_min_rows)
+    ann = None if header is None else open_ann(header, params.exact or params.judged, ann_min_rows)
     if ann is None and header is not None:
         index = TileIndex.load(header)
     searched = header if ann is not None else index
     model = searched.load_model(model, threads=threads)
     warn_long_queries(model, queries)
     warn_unknown_queries(model, queries)
-    vectors = query_vectors(model, queries, lang, cache=query_cache)
-    options = dict(top_k=top_k, threshold=threshold, nms_overlap=nms_overlap)
+    vectors = query_vectors(model, queries, params.lang, cache=query_cache)
+    options = dict(top_k=params.top_k, threshold=params.threshold, nms_overlap=params.nms_overlap)
     hits: list[Hit] = []
     if ann is not None:
         log.info("%s: searching %d tiles with its %s ANN index", header.path, len(header), ann.kind)
-        allowed = _ann_aoi_mask(header, ann, aoi)
+        allowed = _ann_aoi_mask(header, ann, params.aoi)
         for query, vector in zip(queries, vectors):
             hits += ann_rank_hits(header, ann, vector, query, allowed=allowed, **options)
-        return hits
+        return hits, None
     log.info("%s: exact search over %d tiles", index.path, len(index))
-    allowed = _aoi_mask(index, aoi)
-    for query, row in zip(queries, score_tiles(index, vectors)):
+    allowed = _aoi_mask(index, params.aoi)
+    if params.judged:
+        vectors, allowed = apply_feedback(index, vectors, params, allowed)
+    scores = score_tiles(index, vectors)
+    for query, row in zip(queries, scores):
         hits += rank_hits(index, row, query, allowed=allowed, **options)
-    return hits
+    return hits, scores
 
 
-def load_image(path: str | os.PathLike, bands: tuple[int, int, int] | None = None) -> np.ndarray:
-    """uint8 HxWx3 RGB pixels of an image file; QueryError if it is not an image. TIFFs (any band count
-    and dtype), and any image when `bands` is given, are read like scenes (raster.read_image)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if bands is not None or Path(path).suffix.lower() in (".tif", ".tiff"):
-        try:
-            return read_image(path, bands=bands)
-        except RasterError as exc:
-            raise QueryError(f"--image {exc}") from None
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise QueryError(f"--image {path}: not a readable image ({exc}); give a JPEG/PNG/TIFF chip") from None
+def apply_feedback(index: TileIndex, vectors: np.ndarray, params: SearchParams,
+                   allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Query vectors refined by the judged tiles of `params.labels`, and the candidate mask without them."""
+    positive, negative = params.labels.rows(index)
+    embeddings = index.embeddings()
+    refined = np.stack([refine(v, embeddings[positive], embeddings[negative], params.feedback_method)
+                        for v in vectors])
+    allowed = np.ones(len(index), dtype=bool) if allowed is None else allowed.copy()
+    allowed[np.concatenate([positive, negative])] = False
+    return refined, allowed
 
 
 def similar(
@@ -479,19 +318,16 @@ def similar(
     image: str | os.PathLike | np.ndarray | None = None,
     bands: tuple[int, int, int] | None = None,
     model=None,
-    top_k: int = 10,
-    threshold: float | None = None,
-    aoi=None,
-    nms_overlap: float = 0.5,
+    params: SearchParams = SearchParams(),
     threads: int | None = None,
-) -> list[Hit]:
-    """Search by example: tiles most similar to an indexed tile (itself excluded) or to an image
-    (`bands`: its 1-based R,G,B bands, see load_image)."""
+) -> tuple[list[Hit], np.ndarray]:
+    """Search by example: tiles most similar to an indexed tile (itself excluded) or to an image chip
+    (`bands`: its 1-based R,G,B bands, see raster.read_image); the hits and every tile's score [1, N]."""
     index = index if isinstance(index, TileIndex) else TileIndex.open(index)
     if (tile_id is None) == (image is None):
-        raise QueryError("similar: give exactly one example, --tile ID or --image FILE")
-    _check_search_params(top_k, nms_overlap, threshold)
-    allowed = _aoi_mask(index, aoi)
+        raise QueryError("give exactly one example: a tile id (tile_id) or an image chip (image)", param="tile_id")
+    params.check()
+    allowed = _aoi_mask(index, params.aoi)
     if allowed is None:
         allowed = np.ones(len(index), dtype=bool)
     if tile_id is not None:
@@ -502,8 +338,21 @@ def similar(
         label = f"tile:{tile_id}"
     else:
         model = index.load_model(model, threads=threads)
-        pixels = load_image(image, bands) if not isinstance(image, np.ndarray) else image
+        if isinstance(image, np.ndarray):
+            pixels, label = image, "image"
+        else:
+            try:
+                pixels = read_image(image, bands=bands)
+            except RasterError as exc:
+                if exc.param is not None:  # the chip's bands: the error names that parameter and the file
+                    raise QueryError(str(exc), param=exc.param, value=exc.value) from None
+                raise QueryError(f"image={exc}", param="image", value=image) from None
+            label = f"image:{Path(image).name}"
         vector = model.encode_images([pixels])[0]
-        label = f"image:{Path(image).name}" if not isinstance(image, np.ndarray) else "image"
-    scores = score_tiles(index, vector[None])[0]
-    return rank_hits(index, scores, label, top_k=top_k, threshold=threshold, allowed=allowed, nms_overlap=nms_overlap)
+    vectors = vector[None]
+    if params.judged:
+        vectors, allowed = apply_feedback(index, vectors, params, allowed)
+    scores = score_tiles(index, vectors)
+    hits = rank_hits(index, scores[0], label, top_k=params.top_k, threshold=params.threshold, allowed=allowed,
+                     nms_overlap=params.nms_overlap)
+    return hits, scores

@@ -44,7 +44,7 @@ class TilingParams:
     tile_size: int | None = None
     tile_size_m: float | str | None = None  # metres, or AUTO_TILE_SIZE
     overlap: float = 0.0
-    scales: tuple[int, ...] = field(default=(1,))
+    scales: tuple[int, ...] | str = field(default=(1,))  # or "1,2,4"
     min_valid: float = 0.5
     min_std: float = 2.0
     # with tile_size_m=auto, filled in by for_model(): the model's ground resolution and input size
@@ -53,28 +53,40 @@ class TilingParams:
 
     def __post_init__(self) -> None:
         if self.tile_size is not None and self.tile_size_m is not None:
-            raise RsmclipError("--tile-size and --tile-size-m exclude each other: give one")
+            raise RsmclipError(f"tile_size_m={self.tile_size_m}: tile_size is given too; give one size, in pixels or "
+                               "in metres", param="tile_size_m", value=self.tile_size_m)
         if self.tile_size is not None:
             if not _whole(self.tile_size) or not MIN_TILE_PX <= self.tile_size <= MAX_TILE_PX:
-                raise RsmclipError(f"--tile-size {self.tile_size}: give a whole number of pixels between "
-                                   f"{MIN_TILE_PX} and {MAX_TILE_PX}")
+                raise RsmclipError(f"tile_size={self.tile_size}: give a whole number of pixels between "
+                                   f"{MIN_TILE_PX} and {MAX_TILE_PX}", param="tile_size", value=self.tile_size)
             object.__setattr__(self, "tile_size", int(self.tile_size))
         if isinstance(self.tile_size_m, str) and self.tile_size_m.strip().lower() == AUTO_TILE_SIZE:
             object.__setattr__(self, "tile_size_m", AUTO_TILE_SIZE)
         elif self.tile_size_m is not None and not (
                 isinstance(self.tile_size_m, Real) and math.isfinite(self.tile_size_m) and self.tile_size_m > 0):
-            raise RsmclipError(f"--tile-size-m {self.tile_size_m}: give a finite size in metres above 0 "
-                               f"(at least {MIN_TILE_PX} pixels of the scene), or {AUTO_TILE_SIZE}")
+            raise RsmclipError(f"tile_size_m={self.tile_size_m}: give a finite size in metres above 0 "
+                               f"(at least {MIN_TILE_PX} pixels of the scene), or {AUTO_TILE_SIZE}",
+                               param="tile_size_m", value=self.tile_size_m)
         self._check_model_resolution()
         if not 0.0 <= self.overlap < 0.95:
-            raise RsmclipError(f"--overlap {self.overlap}: give a fraction of the tile, 0 <= overlap < 0.95")
+            raise RsmclipError(f"overlap={self.overlap}: give a fraction of the tile, 0 <= overlap < 0.95",
+                               param="overlap", value=self.overlap)
+        if isinstance(self.scales, str):  # "1,2,4", as typed in a shell
+            try:
+                object.__setattr__(self, "scales", tuple(int(v) for v in self.scales.split(",") if v.strip()))
+            except ValueError:
+                raise RsmclipError(f"scales={self.scales}: give comma-separated whole numbers, e.g. 1,2,4",
+                                   param="scales", value=self.scales) from None
         if not self.scales or not all(_whole(s) and s >= 1 for s in self.scales):
-            raise RsmclipError(f"--scales {','.join(map(str, self.scales))}: give positive integers, e.g. 1,2,4")
+            given = ",".join(map(str, self.scales))
+            raise RsmclipError(f"scales={given}: give positive integers, e.g. 1,2,4", param="scales", value=given)
         object.__setattr__(self, "scales", tuple(sorted({int(s) for s in self.scales})))
         if not 0.0 <= self.min_valid <= 1.0:
-            raise RsmclipError(f"--min-valid {self.min_valid}: give a fraction between 0 and 1")
+            raise RsmclipError(f"min_valid={self.min_valid}: give a fraction between 0 and 1", param="min_valid",
+                               value=self.min_valid)
         if not 0.0 <= self.min_std < math.inf:
-            raise RsmclipError(f"--min-std {self.min_std}: give a finite non-negative value")
+            raise RsmclipError(f"min_std={self.min_std}: give a finite non-negative value", param="min_std",
+                               value=self.min_std)
 
     def _check_model_resolution(self) -> None:
         """input_gsd_m and input_px: both or neither, only with tile_size_m=auto, and valid."""
@@ -100,7 +112,8 @@ class TilingParams:
             return self.resolved(getattr(info, "default_tile_size", None))
         if getattr(info, "input_gsd_m", None) is None:
             raise RsmclipError(f"tile_size_m=auto: model {info.name} does not record the ground resolution it was "
-                               "trained at (input_gsd_m in bundle.json); give the tile size in metres or pixels")
+                               "trained at (input_gsd_m in bundle.json); give the tile size in metres or pixels",
+                               param="tile_size_m", value=AUTO_TILE_SIZE)
         return replace(self, input_gsd_m=tuple(info.input_gsd_m), input_px=int(info.image_size))
 
     def tile_pixels(self, scene: Scene) -> int:
@@ -125,7 +138,8 @@ class TilingParams:
             raise RsmclipError(
                 f"tile_size_m={self.tile_size_m:g} is {pixels:.3g} px on {scene.path.name} ({resolution:.3g} m "
                 f"per pixel, {scene.width}×{scene.height} px); give {_metres(MIN_TILE_PX * resolution)} to "
-                f"{_metres(largest * resolution)} m ({MIN_TILE_PX} to {largest} px)")
+                f"{_metres(largest * resolution)} m ({MIN_TILE_PX} to {largest} px)",
+                param="tile_size_m", value=self.tile_size_m)
         return round(pixels)
 
     def to_json(self) -> dict:
@@ -192,7 +206,7 @@ def ground_resolution_warning(scene: Scene, params: TilingParams, info: Any) -> 
                  f"{_metres(sizes[-1] * resolution)} m) give {gsds[0]:.3g}–{gsds[-1]:.3g} m")
     fit = fitting_tile_pixels(resolution, input_gsd_m, input_px, largest_tile_pixels(scene))
     fit_m = fit * resolution
-    fit_option = f"--tile-size-m {fit_m:.0f}" if fit_m >= 100 else f"--tile-size-m {fit_m:.3g}"
+    fit_option = f"tile_size_m={fit_m:.0f}" if fit_m >= 100 else f"tile_size_m={fit_m:.3g}"
     fit_gsd = fit_m / input_px
     if _mismatch(fit_gsd, input_gsd_m) <= GSD_TOLERANCE:
         advice = f"use {fit_option} (or auto)"
@@ -239,7 +253,7 @@ def tile_windows(scene: Scene, params: TilingParams) -> list[TileWindow]:
             if scale == params.scales[0]:
                 raise RsmclipError(
                     f"{scene.path.name}: tile of {size} px is larger than the scene "
-                    f"({scene.width}×{scene.height} px); choose a smaller --tile-size or --tile-size-m")
+                    f"({scene.width}×{scene.height} px); choose a smaller tile size (tile_size or tile_size_m)")
             log.warning("%s: scale %d tiles (%d px) do not fit in the scene (%d×%d px); skipped",
                         scene.path.name, scale, size, scene.width, scene.height)
             continue

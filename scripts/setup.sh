@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything from this repository's files:
 #   .venv        the runtime, the training/export extra (torch, open_clip) and the test tools (locks/venv.txt)
-#   QGIS         Debian's python3-qgis (apt-get, when QGIS's Python is missing)
+#   QGIS         Debian's python3-qgis and qgis (qgis_process) (apt-get, when either is missing)
 #   .qgis-venv   QGIS's own Python with the runtime's missing packages (locks/qgis-venv.txt), for the plugin suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +14,9 @@ python3 -m venv .venv
 .venv/bin/python scripts/check_locks.py
 .venv/bin/python -m pip install -q -c locks/venv.txt -e ".[train,dev]"
 
-if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1; then
+if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1 || ! command -v qgis_process.bin >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q python3-qgis qgis-providers python3-rasterio xvfb xauth >/dev/null
+    apt-get install -y -q python3-qgis qgis qgis-providers python3-rasterio xvfb xauth >/dev/null
 fi
 bash tests/qgis/setup_venv.sh .qgis-venv

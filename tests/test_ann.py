@@ -10,12 +10,16 @@ import shutil
 import numpy as np
 import pytest
 
+from rsmclip_geo.api import SearchParams, search
 from rsmclip_geo.ann import AnnIndex, ann_path, build_ann, choose_kind, verify_ann
 from rsmclip_geo.cli import main
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import TileIndexError
-from rsmclip_geo.index import IndexHeader, TileIndex, index_scenes
-from rsmclip_geo.search import QueryCache, query_vectors, search_index
+from rsmclip_geo.indexer import index_scenes
+from rsmclip_geo.tile_index import IndexHeader, TileIndex
+from rsmclip_geo.caches import QueryCache
+from rsmclip_geo.queries import query_vectors
+from rsmclip_geo.search import search_index
 from rsmclip_geo.tiling import TilingParams
 
 pytest.importorskip("faiss")
@@ -75,8 +79,9 @@ def test_search_gives_the_exact_hits(subset_rows, shard_index, model, monkeypatc
     build_ann(shard_index, kind="hnsw", params={"ef_search": len(IndexHeader.read(shard_index))})
     for options in ({"threshold": -1.0, "nms_overlap": 1.0}, {"nms_overlap": 0.3},
                     {"aoi": exact_aoi(shard_index), "nms_overlap": 0.5}):
-        fast = search_index(shard_index, QUERIES[:4], model=model, top_k=10, ann_min_rows=0, **options)
-        slow = search_index(shard_index, QUERIES[:4], model=model, top_k=10, exact=True, **options)
+        fast = search_index(shard_index, QUERIES[:4], model=model, ann_min_rows=0,
+                            params=SearchParams(top_k=10, **options))[0]
+        slow = search(shard_index, QUERIES[:4], model=model, params=SearchParams(top_k=10, exact=True, **options)).hits
         assert len(fast) == len(slow) == 40
         assert [h.tile_id for h in fast] == [h.tile_id for h in slow]
         np.testing.assert_allclose([h.score for h in fast], [h.score for h in slow], atol=1e-5)
@@ -95,13 +100,13 @@ def test_size_threshold_switches_exact_and_ann(shard_index, model, caplog):
     build_ann(shard_index, kind="hnsw")
     rows = len(IndexHeader.read(shard_index))
     with caplog.at_level(logging.INFO, logger="rsmclip_geo"):
-        search_index(shard_index, "forest", model=model, ann_min_rows=rows - 1)
+        search_index(shard_index, "forest", model=model, ann_min_rows=rows - 1)[0]
         assert "with its hnsw ANN index" in caplog.text
         caplog.clear()
-        search_index(shard_index, "forest", model=model, ann_min_rows=rows)
+        search_index(shard_index, "forest", model=model, ann_min_rows=rows)[0]
         assert "exact search over" in caplog.text
         caplog.clear()
-        search_index(shard_index, "forest", model=model, ann_min_rows=0, exact=True)
+        search_index(shard_index, "forest", model=model, ann_min_rows=0, params=SearchParams(exact=True))[0]
         assert "exact search over" in caplog.text
 
 
@@ -109,11 +114,11 @@ def test_missing_ann_index_falls_back_to_exact_with_a_warning(shard_index, model
     copy = tmp_path / "copy"
     shutil.copytree(shard_index, copy)
     with caplog.at_level(logging.INFO, logger="rsmclip_geo"):
-        hits = search_index(copy, "forest", model=model, top_k=3, ann_min_rows=0)
+        hits = search_index(copy, "forest", model=model, ann_min_rows=0, params=SearchParams(top_k=3))[0]
     assert len(hits) == 3
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no ANN index" in warnings[0].getMessage()
-    assert "rsmclip-geo ann-index" in warnings[0].getMessage()
+    assert "build its ANN index to search faster" in warnings[0].getMessage()
 
 
 def test_stale_ann_index_is_refused_then_rebuilt(shard_index, model, tmp_path):
@@ -124,9 +129,9 @@ def test_stale_ann_index_is_refused_then_rebuilt(shard_index, model, tmp_path):
     assert sidecar["rows"] == len(IndexHeader.read(copy)) and sidecar["kind"] == choose_kind(sidecar["rows"])
     assert sidecar["bundle"]["fingerprint"] == model.bundle.fingerprint
     shutil.copy(copy / "part-00000.parquet", copy / "part-00099.parquet")  # the index grew
-    with pytest.raises(TileIndexError, match=r"stale.*rsmclip-geo ann-index"):
-        search_index(copy, "forest", model=model, ann_min_rows=0)
-    hits = search_index(copy, "forest", model=model, ann_min_rows=0, exact=True, top_k=2)
+    with pytest.raises(TileIndexError, match=r"stale.*rebuild the ANN index of .*grown or search exactly"):
+        search_index(copy, "forest", model=model, ann_min_rows=0)[0]
+    hits = search_index(copy, "forest", model=model, ann_min_rows=0, params=SearchParams(exact=True, top_k=2))[0]
     assert len(hits) == 2
     build_ann(copy)
     assert len(AnnIndex.open(IndexHeader.read(copy))) == json.loads((ann_path(copy) / "ann.json").read_text())["rows"]
@@ -171,11 +176,11 @@ def test_query_cache_skips_the_text_tower(model, tmp_path):
     finally:
         del model.encode_texts
     assert calls[0] == ["aeroporto", "forest"] and calls[1] == ["praia"]
-    assert len(calls[2]) == 3  # another prompt language is another cache entry
+    assert calls[2] == ["forest"]  # another prompt language is another cache entry (no templates: as typed)
     np.testing.assert_array_equal(again[0], first[1])
     np.testing.assert_array_equal(again[1], first[0])
     np.testing.assert_allclose(again[2], encode(["praia"])[0], atol=1e-6)
-    assert not np.allclose(templated[0], first[1])
+    np.testing.assert_allclose(templated[0], first[1], atol=1e-6)
 
 
 @pytest.fixture
@@ -204,7 +209,8 @@ def test_damaged_vectors_give_an_error_not_scores(ann_copy, exact):
     v = exact.embeddings()[0].astype(np.float32)
     v /= np.linalg.norm(v)
     with pytest.raises(TileIndexError, match=r"vectors\.faiss: ANN index is damaged \(its vectors gave scores that "
-                                             r"are not finite cosines\); rebuild it with `rsmclip-geo ann-index"):
+                                             r"are not finite cosines\); rebuild the ANN index of .* or search "
+                                             r"exactly"):
         ann.search(np.stack([v, -v]), 10)
 
 
@@ -226,8 +232,8 @@ def test_damaged_ann_index_is_refused_by_search(case, message, ann_copy, model):
     else:
         (ann / "ann.json").write_text("[]")
     with pytest.raises(TileIndexError, match=message):
-        search_index(ann_copy, "forest", model=model, ann_min_rows=0)
-    assert len(search_index(ann_copy, "forest", model=model, ann_min_rows=0, exact=True, top_k=3)) == 3
+        search_index(ann_copy, "forest", model=model, ann_min_rows=0)[0]
+    assert len(search_index(ann_copy, "forest", model=model, ann_min_rows=0, params=SearchParams(exact=True, top_k=3))[0]) == 3
 
 
 def test_verify_ann_checks_every_file(ann_copy):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsmclip_geo.bundle import (BUNDLE_JSON, DEFAULT_MODEL, MODELS_ENV, find_bundles, load_bundle,
-                                resolve_bundle_path)
+from rsmclip_geo.bundle import BUNDLE_JSON, DEFAULT_MODEL, MODELS_ENV, find_bundles, load_bundle, resolve_bundle_path
+from rsmclip_geo.cli import option_name
 from rsmclip_geo.encoders import load_model, resolve_providers
 from rsmclip_geo.errors import BundleError, RsmclipError
 from conftest import TINY_EMBED_DIM
@@ -86,8 +86,10 @@ def test_missing_default_model_says_to_pass_model(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(MODELS_ENV, str(tmp_path))
     monkeypatch.setattr("rsmclip_geo.bundle.PACKAGE_MODELS_DIR", tmp_path / "none")
     monkeypatch.setattr("rsmclip_geo.bundle.USER_MODELS_DIR", tmp_path / "none2")
-    with pytest.raises(BundleError, match=f"{DEFAULT_MODEL}.*--model"):
+    with pytest.raises(BundleError, match=f"^model: the default model '{DEFAULT_MODEL}' is not installed.*give a "
+                                          "bundle directory") as info:
         resolve_bundle_path(None)
+    assert info.value.param == "model"
 
 
 @pytest.mark.parametrize("field", ["embed_dim", "pad_id", "mean", "parity", "logit_scale"])
@@ -153,8 +155,9 @@ def test_provider_choice() -> None:
     assert providers == ["CPUExecutionProvider"] and forced
     auto, forced = resolve_providers(None)
     assert auto[-1] == "CPUExecutionProvider" and not forced
-    with pytest.raises(RsmclipError, match="--provider"):
+    with pytest.raises(RsmclipError, match="^providers=NoSuchExecutionProvider: not available") as info:
         resolve_providers(["NoSuchExecutionProvider"])
+    assert info.value.worded(option_name).startswith("--provider NoSuchExecutionProvider: ")
 
 
 def test_verify_names_a_listed_file_that_is_missing(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from rsmclip_geo.classify import softmax_probabilities
 from rsmclip_geo.cli import main
-from rsmclip_geo.display import display_width
+from rsmclip_geo.cli.display import display_width
 from rsmclip_geo.encoders import load_model
 
 
@@ -29,9 +29,9 @@ def test_json_lines_match_the_encoders(tiny_bundle: Path, shared_data: Path, cap
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["image"] for line in lines] == images
     model = load_model(tiny_bundle, providers=["cpu"])
-    from rsmclip_geo.classify import load_rgb
+    from rsmclip_geo.raster import read_image
 
-    expected = softmax_probabilities(model.encode_images([load_rgb(p) for p in images]),
+    expected = softmax_probabilities(model.encode_images([read_image(p) for p in images]),
                                      model.encode_texts(LABELS), model.logit_scale)
     for line, row in zip(lines, expected):
         assert list(line["probabilities"]) == LABELS

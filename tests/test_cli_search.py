@@ -136,7 +136,8 @@ def bad_inputs(geotiff, tmp_path):
         ("not a raster", "notes", [], r"notes\.tif: cannot be opened as a raster"),
         ("truncated TIFF", "truncated", [], r"cut\.tif: .*truncated or corrupt"),
         ("no CRS", "plain", [], r"plain\.tif: raster has no CRS or geotransform.*pixel-space search is not supported"),
-        ("no RGB mapping", "rotterdam", [], r"rotterdam_tanks_4band_1m\.tif: 4 bands .*--bands R,G,B"),
+        ("no RGB mapping", "rotterdam", [],
+         r"--bands: .*rotterdam_tanks_4band_1m\.tif has 4 bands .*choose its R,G,B bands"),
         ("all nodata", "empty", [], r"empty\.tif: every pixel is nodata or masked"),
         ("tile bigger than scene", "colorado", ["--tile-size", "500"], r"tile of 500 px is larger than the scene"),
         ("bad bands", "colorado", ["--bands", "3,2"], r"--bands 3,2: give 3 comma-separated integers"),
@@ -273,7 +274,7 @@ def test_outputs_keep_the_scene_path_as_given(geotiff, tiny_bundle, tmp_path, ru
     path given on this run, also when its cached index was built from another one."""
     import geopandas
 
-    from rsmclip_geo.index import TileIndex
+    from rsmclip_geo.tile_index import TileIndex
 
     (tmp_path / "scenes").mkdir()
     shutil.copy(geotiff / "colorado_rgb_15cm.tif", tmp_path / "scenes" / "colorado.tif")
@@ -305,7 +306,7 @@ def test_hit_table_keeps_wide_names_readable_and_aligned(geotiff, tiny_bundle, t
     assert code == 0
     header, *rows = stdout.splitlines()[:4]
     assert "储油罐" in rows[0] and "机场场景.tif" in rows[0] and "campo de golfe com lago…" in rows[2]
-    from rsmclip_geo.display import display_width
+    from rsmclip_geo.cli.display import display_width
 
     scale_column = display_width(header[:header.index("scale")]) + len("scale")  # right-aligned under its title
     for row in rows:
@@ -315,7 +316,7 @@ def test_hit_table_keeps_wide_names_readable_and_aligned(geotiff, tiny_bundle, t
 
 
 def test_fit_counts_display_columns():
-    from rsmclip_geo.display import display_width, fit
+    from rsmclip_geo.cli.display import display_width, fit
 
     assert fit("储油罐", 8) == "储油罐  " and fit("储油罐", 8, ">") == "  储油罐"
     assert fit("储油罐储油罐", 8) == "储油罐… " and display_width(fit("储油罐储油罐", 8)) == 8

@@ -213,9 +213,10 @@ def test_demo_scene_is_rebuilt_identically_from_validation_images(shared_data: P
 @pytest.mark.parametrize("query,class_name", CLASS_QUERIES)
 def test_class_query_ranks_its_mosaic_cell_first(query: str, class_name: str, demo_model, cell_of_class,
                                                  tmp_path: Path) -> None:
-    hits, index = api.tile_search(MOSAIC, query, model=demo_model, top_k=1, cache_dir=tmp_path / "cache")
-    assert len(index) == COLUMNS * ROWS  # default tile size 150 px: one tile per cell
-    top = hits[0]
+    result = api.tile_search(MOSAIC, query, model=demo_model, params=api.SearchParams(top_k=1),
+                             cache_dir=tmp_path / "cache")
+    assert len(result.index) == COLUMNS * ROWS  # default tile size 150 px: one tile per cell
+    top = result.hits[0]
     assert (top.win_width, top.win_height) == (CELL, CELL)
     assert (top.win_col // CELL, top.win_row // CELL) == cell_of_class[class_name], (query, top)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def test_pipeline_on_the_torch_backend_matches_onnx(tiny_bundle: Path, shared_da
 
 def test_cli_index_on_the_torch_backend(tiny_bundle: Path, shared_data: Path, tmp_path: Path, capsys) -> None:
     from rsmclip_geo.cli import main
-    from rsmclip_geo.index import TileIndex
+    from rsmclip_geo.tile_index import TileIndex
 
     scene = shared_data / "geotiff" / "colorado_rgb_15cm.tif"
     common = [str(scene), "--model", str(tiny_bundle), "--tile-size", "64"]
@@ -294,8 +295,11 @@ def test_cli_index_on_the_torch_backend(tiny_bundle: Path, shared_data: Path, tm
     assert main(["index", *common, "--backend", "torch", "--engine", "ray", "-o", str(tmp_path / "r")]) == 2
     assert main(["index", *common, "--device", "cpu", "-o", str(tmp_path / "d.parquet")]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert errors == ["rsmclip-geo: error: --backend torch runs with --engine local (Ray encoder actors use ONNX Runtime)",
-                      "rsmclip-geo: error: --device needs --backend torch"]
+    refusal = ("its encoder actors run ONNX Runtime; load the model with backend='onnx' or index with the local engine"
+               if importlib.util.find_spec("ray") else "needs Ray Data; pip install 'rsmclip-geo[ray]'")
+    assert len(errors) == 2 and errors[0].startswith(f"rsmclip-geo: error: --engine ray: {refusal}"), errors
+    assert errors[1] == ("rsmclip-geo: error: --device cpu: a device is for the torch backend; choose that backend or "
+                         "give no device")
 
 
 def test_parity_on_real_aid_images(tiny_bundle: Path, tiny_model, shared_data: Path) -> None:

@@ -14,12 +14,16 @@ import shapely
 from rasterio.warp import transform as transform_coords
 from rasterio.warp import transform_bounds
 
+from rsmclip_geo.api import SearchParams, search
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.export import hits_to_geojson, write_heatmap, write_hits
-from rsmclip_geo.index import TileIndex, index_scenes
+from rsmclip_geo.export import write_heatmap, write_hits
+from rsmclip_geo.hits import hits_to_geojson
+from rsmclip_geo.indexer import index_scenes
+from rsmclip_geo.tile_index import TileIndex
 from rsmclip_geo.raster import open_scene
-from rsmclip_geo.search import HIT_PROPERTIES, score_tiles, search_index
+from rsmclip_geo.hits import HIT_PROPERTIES
+from rsmclip_geo.search import score_tiles
 
 PARAMS_TILE = 64
 
@@ -44,7 +48,7 @@ def index(scene, model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hits(index, model):
-    return search_index(index, ["campo agrícola", "farmland"], model=model, top_k=4)
+    return search(index, ["campo agrícola", "farmland"], model=model, params=SearchParams(top_k=4)).hits
 
 
 def test_geojson_rfc7946(hits, scene, tmp_path):
@@ -98,11 +102,12 @@ def test_empty_hit_list(tmp_path):
 
 
 def test_bad_output_paths(hits, tmp_path):
-    with pytest.raises(RsmclipError, match=r"-o .*hits\.csv: unknown output format"):
+    with pytest.raises(RsmclipError, match=r"output=.*hits\.csv: unknown output format") as info:
         write_hits(hits, tmp_path / "hits.csv")
+    assert info.value.param == "output"
     blocker = tmp_path / "plainfile"
     blocker.write_text("x")
-    with pytest.raises(RsmclipError, match=r"-o .*plainfile/hits\.geojson: directory .* does not exist"):
+    with pytest.raises(RsmclipError, match=r"output=.*plainfile/hits\.geojson: directory .* does not exist"):
         write_hits(hits, blocker / "hits.geojson")
     (tmp_path / "folder.geojson").mkdir()
     with pytest.raises(RsmclipError, match="is a directory"):
@@ -121,7 +126,7 @@ def test_failed_write_keeps_the_previous_file(hits, tmp_path):
 
 def test_heatmap_is_aligned_with_the_scene(index, model, scene, tmp_path):
     queries = ["farmland", "river"]
-    from rsmclip_geo.search import query_vectors
+    from rsmclip_geo.queries import query_vectors
 
     cell = PARAMS_TILE // 4  # the default: a quarter of the tile stride
     scores = score_tiles(index, query_vectors(model, queries))
@@ -150,18 +155,19 @@ def test_heatmap_needs_one_scene(shared_data, model, tmp_path):
     index = TileIndex.open(index_scenes(scenes, tmp_path / "two.parquet", model=model,
                                         tiling=TilingParams(tile_size=128)))
     scores = np.zeros(len(index), np.float32)
-    with pytest.raises(RsmclipError, match=r"index holds 2 scenes .*--scene"):
+    with pytest.raises(RsmclipError, match=r"^scene: .*two\.parquet holds 2 scenes .*pick the heatmap's scene") as info:
         write_heatmap(index, scores, tmp_path / "heat.tif")
+    assert info.value.param == "scene"
     path = write_heatmap(index, scores, tmp_path / "heat.tif", scene="colorado_rgba_alpha_15cm.tif")
     with rasterio.open(path) as heat:
         assert heat.crs.to_epsg() == 26913
-    with pytest.raises(RsmclipError, match="--scene nope"):
+    with pytest.raises(RsmclipError, match="scene=nope: not a scene of"):
         write_heatmap(index, scores, tmp_path / "heat2.tif", scene="nope")
 
 
 def test_heatmap_checks_need_only_the_index_header(shared_data, model, tmp_path):
     from rsmclip_geo.export import check_heatmap
-    from rsmclip_geo.index import IndexHeader
+    from rsmclip_geo.tile_index import IndexHeader
     from rsmclip_geo.tiling import TilingParams
 
     scene = shared_data / "geotiff" / "colorado_rgb_15cm.tif"
@@ -172,7 +178,7 @@ def test_heatmap_checks_need_only_the_index_header(shared_data, model, tmp_path)
     header = IndexHeader.read(tmp_path / "two.parquet")
     assert check_heatmap(header, tmp_path / "heat.tif", scene="colorado_rgb_15cm.tif") == open_scene(scene).fingerprint
     for path, scene_name, message in [
-        (tmp_path / "heat.tif", None, r"index holds 2 scenes .*pick one with --scene"),
+        (tmp_path / "heat.tif", None, r"^scene: .*two\.parquet holds 2 scenes .*pick the heatmap's scene"),
         (tmp_path / "heat.png", "colorado_rgb_15cm.tif", "unknown output format"),
         (copy, "colorado_rgb_15cm.tif", r"copy\.tif: is a scene of .*two\.parquet and would be overwritten"),
     ]:

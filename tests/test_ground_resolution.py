@@ -14,9 +14,10 @@ from cli_cases import assert_fails_cleanly, leftovers, run_cli
 from rasterio.transform import Affine
 from rasters import write_geotiff
 
-from rsmclip_geo.bundle import DEFAULT_MODEL, BundleInfo, load_bundle, read_bundle_info
+from rsmclip_geo.bundle import BundleInfo, DEFAULT_MODEL, load_bundle, read_bundle_info
 from rsmclip_geo.errors import BundleError, RsmclipError
-from rsmclip_geo.index import IndexHeader, plan_index
+from rsmclip_geo.indexer import plan_index
+from rsmclip_geo.tile_index import IndexHeader
 from rsmclip_geo.raster import open_scene
 from rsmclip_geo.tiling import AUTO_TILE_SIZE, MIN_TILE_PX, TilingParams, tile_windows
 
@@ -119,14 +120,14 @@ def test_warning_names_scene_resolution_and_the_tile_size_that_fits(shared_data,
     (message,) = resolution_warnings(caplog)
     assert message.startswith("pix4d_farm_rgba_35cm.tif: 0.353 m per pixel; its 150 px tiles (52.9 m) give 0.827 m")
     assert "5.67× finer than rsmclip-demo-aid was trained at (4.69–75 m)" in message
-    assert message.endswith("use --tile-size-m 242 (or auto)")  # 686 px, the scene's short side
+    assert message.endswith("use tile_size_m=242 (or auto)")  # 686 px, the scene's short side
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         plan_index([scene_path(shared_data, "fotomap_4band_2cm.tif")], tmp_path / "out.parquet", model=demo_model,
                    tiling=TilingParams(tile_size_m=AUTO_TILE_SIZE))
     (message,) = resolution_warnings(caplog)
     assert "0.02 m per pixel; its 841 px tiles (16.8 m)" in message
-    assert message.endswith("the scene is too small for it: even its largest tile (--tile-size-m 16.8, 841 px) "
+    assert message.endswith("the scene is too small for it: even its largest tile (tile_size_m=16.8, 841 px) "
                             "gives 0.263 m")
 
 
@@ -166,8 +167,9 @@ def test_auto_tiling_round_trips_through_json_and_keeps_other_cache_keys() -> No
                                                                "min_valid", "min_std"}
     with pytest.raises(RsmclipError, match="tile_size_m=auto only"):
         TilingParams(tile_size_m=50.0, input_gsd_m=(1.0, 2.0), input_px=64)
-    with pytest.raises(RsmclipError, match=r"--tile-size-m big: give a finite size in metres above 0 .*or auto"):
+    with pytest.raises(RsmclipError, match=r"tile_size_m=big: give a finite size in metres above 0 .*or auto") as info:
         TilingParams(tile_size_m="big")
+    assert (info.value.param, info.value.value) == ("tile_size_m", "big")
 
 
 def test_auto_without_input_gsd_m_is_a_clear_error(tiny_bundle) -> None:
@@ -195,7 +197,7 @@ def test_cli_index_auto_sizes_each_scene_and_warns_once_per_scene(capsys, caplog
     assert len(warned) == 1 and warned[0].startswith("colorado_rgb_15cm.tif: 0.15 m per pixel; its 232 px tiles")
     header = IndexHeader.read(out)
     assert header.tiling.tile_size_m == AUTO_TILE_SIZE and header.tiling.input_gsd_m == DEMO_INPUT_GSD_M
-    from rsmclip_geo.index import TileIndex
+    from rsmclip_geo.tile_index import TileIndex
 
     index = TileIndex.open(out)
     scenes, widths, scales = index.column("scene"), index.column("win_width"), index.column("scale")
@@ -225,7 +227,7 @@ def test_cli_auto_without_input_gsd_m_fails_cleanly(capsys, shared_data, tiny_bu
     else:
         args = ["tile-search", scene, "airport", "-o", tmp_path / "out.parquet", "--cache-dir", tmp_path / "cache"]
     result = run_cli(capsys, *args, "--model", tiny_bundle, "--tile-size-m", "auto", "--no-progress")
-    assert_fails_cleanly(result, "tile_size_m=auto: model tiny-bundle does not record the ground resolution",
+    assert_fails_cleanly(result, "--tile-size-m auto: model tiny-bundle does not record the ground resolution",
                          "give the tile size in metres or pixels")
     assert leftovers(tmp_path, "out.parquet") == []
     assert not list(tmp_path.glob("cache/*.parquet"))

@@ -27,10 +27,11 @@ import pytest
 from cli_cases import CliResult, assert_fails_cleanly, leftovers, run_cli, run_cli_process, start_cli_process
 from rasters import write_geotiff
 
-from rsmclip_geo import index as index_module
+from rsmclip_geo import indexer
 from rsmclip_geo import ray_engine
 from rsmclip_geo.cli import main
-from rsmclip_geo.index import TileIndex, index_scenes
+from rsmclip_geo.indexer import index_scenes
+from rsmclip_geo.tile_index import TileIndex
 from rsmclip_geo.pipeline import Cancelled
 from rsmclip_geo.tiling import TilingParams
 
@@ -114,7 +115,7 @@ def test_damaged_embeddings_of_an_index_without_page_checksums(dense_index, tiny
                     ["search", damaged, "forest", "--model", tiny_bundle, "--heatmap", tmp_path / "heat.tif"],
                     ["similar", damaged, "--tile", tile, "-o", hits]):
         assert_fails_cleanly(run_cli(capsys, *command), f"{damaged}: tile index is damaged",
-                             "embedding that is not a finite unit vector", "index --verify")
+                             "embedding that is not a finite unit vector", f"verifying {damaged} checks every file")
     assert_fails_cleanly(run_cli(capsys, "index", "--verify", damaged), "embeddings that are not finite unit vectors")
     assert not hits.exists() and not (tmp_path / "heat.tif").exists()
 
@@ -155,7 +156,7 @@ def test_damaged_ann_index_is_reported_by_verify(case, dense_ann, tmp_path, caps
     damage, fragments = ANN_DAMAGE[case]
     damage(ann)
     assert_fails_cleanly(run_cli(capsys, "index", "--verify", index), *fragments,
-                         f"rebuild it with `rsmclip-geo ann-index {index}` or search with --exact")
+                         f"rebuild the ANN index of {index} or search exactly")
 
 
 def test_ann_index_refuses_zero_threads(dense_index, tmp_path, capsys):
@@ -390,7 +391,7 @@ def test_disk_full_mid_run_keeps_the_previous_index_and_resumes(small_fs, geotif
     output = mount / "city.parquet"
     assert run_cli(capsys, *index_args(tiny_bundle, output, geotiff / SCENE_A)).code == 0
     previous = output.read_bytes()
-    monkeypatch.setattr(index_module, "SHARD_TILES", 128)
+    monkeypatch.setattr(indexer, "RESUME_SHARD_TILES", 128)
     remount(f"size={used_bytes(mount) + 160 * 1024}")  # room for a few resume shards, not for the index
     args = index_args(tiny_bundle, output, geotiff / SCENE_A, geotiff / SCENE_B, tiling=DENSE)
     line = assert_fails_cleanly(run_cli(capsys, *args), "cannot be written (No space left on device)",
@@ -487,7 +488,7 @@ def test_index_output_names_that_are_refused(name, engine, geotiff, tiny_bundle,
     output = tmp_path / name
     result = run_cli(capsys, *index_args(tiny_bundle, output, geotiff / SCENE_A), "--engine", engine)
     if engine == "ray":
-        assert_fails_cleanly(result, f"-o {output}: --engine ray writes a directory")
+        assert_fails_cleanly(result, f"-o {output}: the ray engine writes a directory")
     else:
         assert_fails_cleanly(result, f"-o {output}: a tile index is a .parquet file or a directory",
                              "give a .parquet name or a directory name without an extension")

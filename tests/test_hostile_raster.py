@@ -46,10 +46,10 @@ def warnings_about(caplog, fragment: str) -> list[str]:
     ("--tile-size-m", "nan", "--tile-size-m nan"),
     ("--tile-size-m", "0", "--tile-size-m 0.0"),
     ("--tile-size-m", "-5", "--tile-size-m -5.0"),
-    ("--tile-size-m", "0.001", "tile_size_m=0.001 is 0.00667 px on scene.tif (0.15 m per pixel, 383×232 px); "
+    ("--tile-size-m", "0.001", "--tile-size-m 0.001 is 0.00667 px on scene.tif (0.15 m per pixel, 383×232 px); "
                                "give 1.2 to 34.8 m (8 to 232 px)"),
-    ("--tile-size-m", "1", "tile_size_m=1 is 6.67 px"),
-    ("--tile-size-m", "100", "tile_size_m=100 is 667 px"),
+    ("--tile-size-m", "1", "--tile-size-m 1 is 6.67 px"),
+    ("--tile-size-m", "100", "--tile-size-m 100 is 667 px"),
     ("--tile-size", "4", "--tile-size 4: give a whole number of pixels between 8 and 65536"),
     ("--tile-size", "70000", "--tile-size 70000"),
 ])
@@ -64,7 +64,7 @@ def test_metre_tile_size_of_a_pixel_on_a_coarse_scene(capsys, tiny_bundle, tmp_p
                           transform=Affine(4.0, 0.0, 500_000.0, 0.0, -4.0, 5_800_000.0))
     result = run_cli(capsys, "tile-search", scene, "airport", "--tile-size-m", "5", "--no-cache",
                      "-o", tmp_path / "hits.geojson", "--model", tiny_bundle)
-    assert_fails_cleanly(result, "tile_size_m=5 is 1.25 px on coarse.tif (4 m per pixel", "give 32 to 3,000 m")
+    assert_fails_cleanly(result, "--tile-size-m 5 is 1.25 px on coarse.tif (4 m per pixel", "give 32 to 3,000 m")
     assert leftovers(tmp_path, "hits.geojson") == []
 
 
@@ -94,13 +94,13 @@ def test_zero_filled_border_warns_and_nodata_0_masks_it(capsys, caplog, shared_d
     common = [scene, "--bands", "3,2,1", "--tile-size", "64", "--min-std", "0"]
     with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
         assert run_cli(capsys, *index_args(tiny_bundle, tmp_path, *common)).code == 0
-    assert warnings_about(caplog, f"{HARBOUR}: ") and warnings_about(caplog, "rerun with --nodata 0")
+    assert warnings_about(caplog, f"{HARBOUR}: ") and warnings_about(caplog, "rerun with nodata=0")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rsmclip_geo"):
         result = run_cli(capsys, *index_args(tiny_bundle, tmp_path, *common), "--nodata", "0",
                          "-o", tmp_path / "masked.parquet")
-    assert result.code == 0 and not warnings_about(caplog, "--nodata")
-    from rsmclip_geo.index import TileIndex
+    assert result.code == 0 and not warnings_about(caplog, "nodata=0")
+    from rsmclip_geo.tile_index import TileIndex
 
     assert len(TileIndex.open(tmp_path / "masked.parquet")) < len(TileIndex.open(tmp_path / "out.parquet"))
 
@@ -125,7 +125,8 @@ def test_empty_home_does_not_put_the_cache_in_the_root(work, tiny_bundle, tmp_pa
     env = {"HOME": "", "RSMCLIP_GEO_CACHE": ""}
     result = run_cli_process("tile-search", work["scene"], "airport", "--tile-size", "64", "--model", tiny_bundle,
                              "-o", tmp_path / "hits.geojson", env=env, cwd=tmp_path)
-    assert_fails_cleanly(result, "no home directory for the cache (HOME='')", "RSMCLIP_GEO_CACHE", "--cache-dir")
+    assert_fails_cleanly(result, "--cache-dir: not given and no home directory for the cache (HOME='')",
+                         "RSMCLIP_GEO_CACHE")
     assert leftovers(tmp_path, "hits.geojson") == []
     assert root_cache.exists() == existed
     result = run_cli_process("search", work["index"], "airport", "--model", tiny_bundle,
@@ -142,7 +143,7 @@ def similar_args(work, tiny_bundle, *args) -> list:
 
 def test_image_chip_of_five_float_bands(capsys, work, tiny_bundle, tmp_path):
     result = run_cli(capsys, *similar_args(work, tiny_bundle, "--image", work["chip"], "-o", tmp_path / "hits.geojson"))
-    assert_fails_cleanly(result, "--image ", "chip.tif: 5 bands", "--bands")
+    assert_fails_cleanly(result, "--bands: ", "chip.tif has 5 bands", "choose its R,G,B bands")
     assert leftovers(tmp_path, "hits.geojson") == []
     result = run_cli(capsys, *similar_args(work, tiny_bundle, "--image", work["chip"], "--bands", "3,2,1",
                                            "-o", tmp_path / "hits.geojson"))
@@ -161,7 +162,8 @@ def test_image_chip_of_uint16_bands_without_georeferencing(capsys, work, tiny_bu
 def test_bad_image_chips(capsys, work, tiny_bundle, tmp_path, case):
     image, extra, fragment = {
         "directory": (tmp_path, [], f"--image {tmp_path}: not a readable image ([Errno 21] Is a directory"),
-        "bad bands": (work["chip"], ["--bands", "1,2,9"], "--bands 1,2,9 is not three band numbers in 1..5"),
+        "bad bands": (work["chip"], ["--bands", "1,2,9"],
+                      f"--bands 1,2,9: not three band numbers in 1..5 of {work['chip']}"),
     }[case]
     result = run_cli(capsys, *similar_args(work, tiny_bundle, "--image", image, *extra,
                                            "-o", tmp_path / "hits.geojson"))

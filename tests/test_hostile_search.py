@@ -14,7 +14,7 @@ import pytest
 import shapely
 from cli_cases import assert_fails_cleanly, leftovers, run_cli
 
-from rsmclip_geo.index import TileIndex
+from rsmclip_geo.tile_index import TileIndex
 
 COLORADO = "colorado_rgb_15cm.tif"
 FARM = "pix4d_farm_rgba_35cm.tif"
@@ -115,9 +115,9 @@ def test_aoi_missing_the_index_warns_once(work, tiny_bundle, tmp_path, capsys, c
     result = run_cli(capsys, "search", work["tiles"], "forest", "--model", tiny_bundle, "--aoi", "10,10,11,11",
                      "-o", out)
     assert result.code == 0 and features(out) == []
-    [warning] = warnings_about(caplog, "--aoi")
+    [warning] = warnings_about(caplog, "aoi=")
     west, south, east, north = index_bounds(work["tiles"])
-    assert warning.startswith(f"--aoi 10,10,11,11 covers no tile of {work['tiles']} (index bounds lon,lat ")
+    assert warning.startswith(f"aoi=10,10,11,11 covers no tile of {work['tiles']} (index bounds lon,lat ")
     assert f"{west:.6f},{south:.6f},{east:.6f},{north:.6f}" in warning and "lat,lon" not in warning
 
 
@@ -130,8 +130,8 @@ def test_aoi_with_swapped_lat_lon_says_so(work, tiny_bundle, tmp_path, capsys, c
         out = tmp_path / "hits.geojson"
         assert run_cli(capsys, *command, "--aoi", swapped, "-o", out).code == 0
         assert features(out) == []
-        [warning] = warnings_about(caplog, "--aoi")
-        assert warning.startswith(f"--aoi {swapped} covers no tile") and "it looks like lat,lon order" in warning
+        [warning] = warnings_about(caplog, "aoi=")
+        assert warning.startswith(f"aoi={swapped} covers no tile") and "it looks like lat,lon order" in warning
 
 
 # --queries-file with a byte order mark --------------------------------------------------------------
@@ -180,11 +180,11 @@ def test_damaged_query_cache_is_rebuilt_once(damage, work, tiny_bundle, tmp_path
 
 HEATMAP_CASES = {
     "several scenes, no --scene": (lambda w, t: ["search", w["two"], "beach", "--heatmap", t / "heat.tif"],
-                                   ["--heatmap: index holds 2 scenes", "pick one with --scene"]),
+                                   ["--scene: ", "two.parquet holds 2 scenes", "pick the heatmap's scene"]),
     "--scene not in the index": (lambda w, t: ["search", w["two"], "beach", "--heatmap", t / "heat.tif",
                                                "--scene", "nope.tif"], ["--scene nope.tif: not a scene of"]),
     "--scene without --heatmap": (lambda w, t: ["search", w["two"], "beach", "--scene", "scene.tif"],
-                                  ["--scene scene.tif: picks the scene of --heatmap; give --heatmap too"]),
+                                  ["--scene scene.tif: picks the scene of a heatmap; ask for a heatmap too"]),
     "bad extension": (lambda w, t: ["search", w["tiles"], "beach", "--heatmap", t / "heat.png"],
                       ["--heatmap ", "heat.png: unknown output format; use one of .tif, .tiff"]),
     "missing directory": (lambda w, t: ["search", w["tiles"], "beach", "--heatmap", t / "no" / "heat.tif"],

@@ -20,11 +20,12 @@ import shapely
 from rasterio.warp import transform_bounds
 from rasters import truncated_copy, write_geotiff
 
-from rsmclip_geo import index as index_module
+from rsmclip_geo import tile_index
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError, TileIndexError
-from rsmclip_geo.index import (IndexHeader, TileIndex, cache_key, index_is_file, index_scenes, job_parts, plan_index,
-                               verify_index)
+from rsmclip_geo.caches import cache_key
+from rsmclip_geo.indexer import index_scenes, job_parts, plan_index
+from rsmclip_geo.tile_index import IndexHeader, TileIndex, index_is_file, verify_index
 from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import Cancelled
 from rsmclip_geo.raster import open_scene
@@ -199,14 +200,16 @@ def test_index_refuses_another_model(multi_index, other_model, model, tiny_bundl
     with pytest.raises(TileIndexError, match=r"built with model 'tiny-bundle' .* not 'other-bundle'"):
         index.load_model(other_model)
     monkeypatch.setenv("RSMCLIP_GEO_MODELS", str(tiny_bundle.parent / "nothing-here"))
-    with pytest.raises(TileIndexError, match=r"'tiny-bundle', which is not installed; pass .* --model"):
+    with pytest.raises(TileIndexError,
+                       match=r"^model: .* model 'tiny-bundle', which is not installed; give its bundle") as info:
         index.load_model(None)
+    assert info.value.param == "model"
     monkeypatch.setenv("RSMCLIP_GEO_MODELS", str(tiny_bundle.parent))
     assert index.load_model(None).bundle.fingerprint == index.bundle_fingerprint
 
 
 def test_directory_of_shards(shared_data, model, tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "SHARD_TILES", 100)
+    monkeypatch.setattr(tile_index, "SHARD_TILES", 100)
     output = tmp_path / "big_index"
     index_scenes([shared_data / "geotiff" / SCENES[2]], output, model=model, tiling=PARAMS)
     parts = sorted(output.glob("part-*.parquet"))
@@ -239,8 +242,9 @@ def test_scene_with_no_usable_tile(tmp_path, model):
 def test_unwritable_output_is_refused_before_work(shared_data, model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(RsmclipError, match=r"-o .*file/i\.parquet: directory .* does not exist"):
+    with pytest.raises(RsmclipError, match=r"output=.*file/i\.parquet: directory .* does not exist") as info:
         index_scenes([shared_data / "geotiff" / SCENES[0]], blocker / "i.parquet", model=model, tiling=PARAMS)
+    assert info.value.param == "output"
 
 
 def test_not_an_index(tmp_path, shared_data):
@@ -282,7 +286,7 @@ def test_existing_directory_with_other_files_is_never_replaced(shared_data, mode
 
 
 def test_pages_carry_checksums_and_a_damaged_part_is_named(shared_data, model, tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "SHARD_TILES", 100)
+    monkeypatch.setattr(tile_index, "SHARD_TILES", 100)
     output = index_scenes([shared_data / "geotiff" / SCENES[2]], tmp_path / "parts", model=model, tiling=PARAMS)
     assert verify_index(output).startswith(f"{output}: OK: ")
     part = output / "part-00001.parquet"
@@ -301,7 +305,7 @@ def test_pages_carry_checksums_and_a_damaged_part_is_named(shared_data, model, t
 
 
 def test_verify_finds_foreign_duplicate_and_inconsistent_parts(shared_data, model, tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "SHARD_TILES", 100)
+    monkeypatch.setattr(tile_index, "SHARD_TILES", 100)
     scene = shared_data / "geotiff" / SCENES[0]
     output = index_scenes([scene], tmp_path / "parts", model=model, tiling=PARAMS)
     other = index_scenes([scene], tmp_path / "other.parquet", model=model, tiling=TilingParams(tile_size=96))
@@ -356,8 +360,8 @@ def test_index_output_names(shared_data, tmp_path):
     scene = shared_data / "geotiff" / SCENES[0]
     assert index_is_file(tmp_path / "a.parquet") and index_is_file(tmp_path / "A.PARQUET")
     assert not index_is_file(tmp_path / "tiles")
-    with pytest.raises(RsmclipError, match=r"-o .*a\.gpkg: a tile index is a \.parquet file or a directory"):
+    with pytest.raises(RsmclipError, match=r"output=.*a\.gpkg: a tile index is a \.parquet file or a directory"):
         plan_index([scene], tmp_path / "a.gpkg")
-    with pytest.raises(RsmclipError, match=r"--threads 0: give a positive number"):
+    with pytest.raises(RsmclipError, match=r"threads=0: give a positive number"):
         plan_index([scene], tmp_path / "a.parquet", threads=0)
     assert not list(tmp_path.iterdir())

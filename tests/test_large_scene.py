@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import rasterio
 
-from rsmclip_geo.index import IndexHeader
+from rsmclip_geo.tile_index import IndexHeader
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("large_scene_memory", REPO / "benchmarks" / "large_scene_memory.py")

@@ -16,11 +16,13 @@ from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasters import write_geotiff
 
+from rsmclip_geo.api import SearchParams, search
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.export import write_hits
-from rsmclip_geo.index import TileIndex, index_scenes
+from rsmclip_geo.indexer import index_scenes
+from rsmclip_geo.tile_index import TileIndex
 from rsmclip_geo.raster import open_scene
-from rsmclip_geo.search import search_index
+
 from rsmclip_geo.tiling import TilingParams
 
 pytestmark = pytest.mark.usefixtures("package_models_only")
@@ -89,7 +91,7 @@ def test_tiles_are_the_cells(demo_index):
 def test_class_query_ranks_a_cell_of_its_class_first(demo_index, mosaic, class_name, query):
     index, model = demo_index
     _, layout = mosaic
-    hits = search_index(index, query, model=model, top_k=PER_CLASS)
+    hits = search(index, query, model=model, params=SearchParams(top_k=PER_CLASS)).hits
     ranked = [hit_class(hit, layout) for hit in hits]
     assert ranked[0] == class_name, (query, ranked, [round(h.score, 3) for h in hits])
 
@@ -102,7 +104,7 @@ def test_class_queries_find_most_cells_of_their_class(demo_index, mosaic):
     found = {}
     for class_name, queries in QUERIES.items():
         for query in queries:
-            hits = search_index(index, query, model=model, top_k=PER_CLASS)
+            hits = search(index, query, model=model, params=SearchParams(top_k=PER_CLASS)).hits
             found[query] = sum(hit_class(hit, layout) == class_name for hit in hits)
     assert sum(found.values()) / (PER_CLASS * len(found)) >= 0.8, found
 
@@ -110,7 +112,7 @@ def test_class_queries_find_most_cells_of_their_class(demo_index, mosaic):
 def test_geojson_places_hits_in_their_scenes(demo_index, mosaic, tmp_path):
     index, model = demo_index
     paths, layout = mosaic
-    hits = search_index(index, ["aeroporto", "储油罐"], model=model, top_k=PER_CLASS)
+    hits = search(index, ["aeroporto", "储油罐"], model=model, params=SearchParams(top_k=PER_CLASS)).hits
     data = json.loads(write_hits(hits, tmp_path / "hits.geojson").read_text(encoding="utf-8"))
     bounds = {}
     for path in paths:

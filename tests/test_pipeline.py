@@ -197,5 +197,6 @@ def test_read_error_reaches_the_caller(shared_data, tmp_path, model):
 
 
 def test_bad_batch_size(colorado, model):
-    with pytest.raises(RsmclipError, match="--batch-size 0"):
+    with pytest.raises(RsmclipError, match="batch_size=0: give a positive batch size") as info:
         collect(colorado, model, batch_size=0)
+    assert info.value.param == "batch_size"

@@ -17,12 +17,14 @@ import pytest
 from rasters import truncated_copy, write_geotiff
 
 from rsmclip_geo import ray_engine
+from rsmclip_geo.api import RayEngine, SearchParams, search
 from rsmclip_geo.cli import main
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.index import TileIndex, batch_table, index_scenes, plan_index
+from rsmclip_geo.indexer import index_scenes, plan_index
+from rsmclip_geo.tile_index import TileIndex, batch_table
 from rsmclip_geo.pipeline import Cancelled
-from rsmclip_geo.search import search_index
+
 from rsmclip_geo.tiling import TilingParams
 
 requires_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -60,8 +62,8 @@ def built(local_ray, scenes, model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_engine")
     local = index_scenes(scenes, root / "local", model=model, tiling=PARAMS)
     calls: list[tuple[int, int]] = []
-    ray_dir = ray_engine.index_scenes_ray(scenes, root / "ray", model=model, tiling=PARAMS, workers=2,
-                                          batch_size=16, progress=lambda done, total: calls.append((done, total)))
+    ray_dir = index_scenes(scenes, root / "ray", model=model, tiling=PARAMS, engine=RayEngine(workers=2),
+                           batch_size=16, progress=lambda done, total: calls.append((done, total)))
     return TileIndex.open(local), TileIndex.open(ray_dir), calls
 
 
@@ -96,8 +98,8 @@ def test_same_files_schema_and_metadata(built):
 def test_search_returns_the_same_hits(built, model):
     local, remote, _ = built
     queries = ["aeroporto", "campo de golf", "储油罐"]
-    expected = search_index(local, queries, model=model, top_k=8, nms_overlap=1.0)
-    hits = search_index(remote, queries, model=model, top_k=8, nms_overlap=1.0)
+    expected = search(local, queries, model=model, params=SearchParams(top_k=8, nms_overlap=1.0)).hits
+    hits = search(remote, queries, model=model, params=SearchParams(top_k=8, nms_overlap=1.0)).hits
     assert [(h.query, h.tile_id) for h in hits] == [(h.query, h.tile_id) for h in expected]
     assert np.allclose([h.score for h in hits], [h.score for h in expected], atol=1e-3)
 
@@ -114,11 +116,11 @@ def test_cancelled_job_resumes_to_the_same_index(local_ray, scenes, model, built
     output = tmp_path / "resumed"
     polls = iter(range(10**6))
     with pytest.raises(Cancelled, match="rerun to resume"):
-        ray_engine.index_scenes_ray(scenes, output, model=model, tiling=PARAMS, workers=2, batch_size=16,
-                                    cancel=lambda: next(polls) >= 2)
+        index_scenes(scenes, output, model=model, tiling=PARAMS, engine=RayEngine(workers=2), batch_size=16,
+                     cancel=lambda: next(polls) >= 2)
     partial = tmp_path / "resumed.partial"
     assert not output.exists() and len(list(partial.glob("shard-*.parquet"))) == 1
-    ray_engine.index_scenes_ray(scenes, output, model=model, tiling=PARAMS, workers=2, batch_size=16)
+    index_scenes(scenes, output, model=model, tiling=PARAMS, engine=RayEngine(workers=2), batch_size=16)
     resumed = TileIndex.open(output)
     assert resumed.table.column("tile_id").equals(local.table.column("tile_id"))
     assert np.abs(resumed.embeddings().astype(np.float32) - local.embeddings().astype(np.float32)).max() <= 1e-3
@@ -151,7 +153,7 @@ def no_ray_start(monkeypatch):
         ("not a raster", r"notes\.tif: cannot be opened as a raster"),
         ("truncated TIFF", r"cut\.tif: .*truncated or corrupt"),
         ("no CRS", r"plain\.tif: raster has no CRS or geotransform"),
-        ("parquet output", r"--engine ray writes a directory of GeoParquet shards"),
+        ("parquet output", r"-o .*index\.parquet: the ray engine writes a directory of GeoParquet shards"),
         ("zero workers", r"--workers 0: give a positive number"),
         ("ray option without ray", r"--workers.* need --engine ray"),
     ],
@@ -179,8 +181,9 @@ def test_bad_input_fails_with_one_line_before_ray_starts(case, message, no_ray_s
 
 def test_too_many_workers_for_the_cluster(local_ray, scenes, model, tmp_path):
     cpus = int(local_ray.cluster_resources()["CPU"])
-    with pytest.raises(RsmclipError, match=rf"--workers {cpus}: the Ray cluster has {cpus} CPUs"):
-        ray_engine.index_scenes_ray(scenes[:1], tmp_path / "index", model=model, tiling=PARAMS, workers=cpus)
+    with pytest.raises(RsmclipError, match=rf"workers={cpus}: the Ray cluster has {cpus} CPUs") as info:
+        index_scenes(scenes[:1], tmp_path / "index", model=model, tiling=PARAMS, engine=RayEngine(workers=cpus))
+    assert info.value.param == "workers"
     assert not (tmp_path / "index").exists()
 
 

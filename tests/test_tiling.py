@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
 from rasterio.transform import Affine
 from rasters import write_geotiff
 
+from rsmclip_geo.cli import option_name
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.raster import open_scene
 from rsmclip_geo.tiling import TilingParams, axis_starts, tile_windows
@@ -102,7 +104,7 @@ def test_params_round_trip_through_json():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(tile_size=64, tile_size_m=10.0), "exclude each other"),
+        (dict(tile_size=64, tile_size_m=10.0), "--tile-size-m 10.0: tile_size is given too; give one size"),
         (dict(tile_size=2), "--tile-size 2"),
         (dict(tile_size=7), "--tile-size 7: give a whole number of pixels between 8 and 65536"),
         (dict(tile_size=65537), "--tile-size 65537"),
@@ -124,8 +126,11 @@ def test_params_round_trip_through_json():
     ],
 )
 def test_bad_params(kwargs, message):
-    with pytest.raises(RsmclipError, match=message):
+    """The library names the parameter (`overlap=1.0`); the command line words it as its flag (`--overlap 1.0`)."""
+    with pytest.raises(RsmclipError) as info:
         TilingParams(**kwargs)
+    assert info.value.param in kwargs and "--" not in str(info.value)
+    assert re.match(message, info.value.worded(option_name)), info.value.worded(option_name)
 
 
 def test_axis_starts_exact_fit():

@@ -40,8 +40,8 @@ import torch
 
 from rsmclip_geo import bundle as bundle_format
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.files import apply_default_mode
-from training.model import LoadedModel, architecture_payload, create_model, quiet_library_warnings, sha256_file
+from rsmclip_geo.files import replace_directory, sha256_file
+from training.model import LoadedModel, architecture_payload, create_model, quiet_library_warnings
 
 log = logging.getLogger("training.export")
 
@@ -426,7 +426,8 @@ def config_input_gsd_m(config: dict[str, Any], input_px: int, where: str) -> tup
 
 
 def vocabulary_json(path: Path) -> dict[str, Any]:
-    """vocabulary.json content: ``terms`` {lang: [names]} and ``classes`` {class: {lang: [names]}} (train part)."""
+    """vocabulary.json content (train part): ``terms`` {lang: [names]}, ``classes`` {class: {lang: [names]}} and
+    ``templates`` {lang: [caption templates with "{}"]}, the prompts the runtime averages a query over."""
     from training.data import load_vocabulary
 
     vocab = load_vocabulary(path)
@@ -434,7 +435,11 @@ def vocabulary_json(path: Path) -> dict[str, Any]:
                for name, per_lang in vocab.entries.items()}
     terms = {lang: list(dict.fromkeys(term for per_lang in classes.values() for term in per_lang.get(lang, [])))
              for lang in vocab.languages}
-    return {"format_version": 1, "languages": list(vocab.languages), "terms": terms, "classes": classes}
+    templates = {lang: list(dict.fromkeys(t for per_lang in vocab.entries.values()
+                                          for t in per_lang.get(lang, {}).get("train", ([], []))[1] if t != "{}"))
+                 for lang in vocab.languages}
+    return {"format_version": 1, "languages": list(vocab.languages), "terms": terms, "classes": classes,
+            "templates": {lang: items for lang, items in templates.items() if items}}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -610,8 +615,7 @@ def export_bundle(
         info["files"] = {path.name: sha256_file(path) for path in sorted(work.iterdir())
                          if path.name != bundle_format.BUNDLE_JSON}
         write_json(work / bundle_format.BUNDLE_JSON, info)
-        _make_readable(work)
-        _move_into_place(work, output)
+        replace_directory(work, output)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -644,27 +648,6 @@ def _write_torch_weights(loaded: LoadedModel, directory: Path, dtype: torch.dtyp
              for key, value in loaded.model.state_dict().items()}
     save_file(state, str(directory / bundle_format.TORCH_WEIGHTS))
     write_json(directory / bundle_format.TORCH_CONFIG, architecture_payload(loaded))
-
-
-def _make_readable(directory: Path) -> None:
-    """Give the temp dir (created 0700) and its files the usual permissions under the current umask."""
-    for path in (directory, *directory.iterdir()):
-        apply_default_mode(path)
-
-
-def _move_into_place(work: Path, output: Path) -> None:
-    """Rename the finished temp dir to ``output``, replacing an existing bundle only once the new one is complete."""
-    if not output.exists():
-        os.replace(work, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-    os.replace(output, old / output.name)
-    try:
-        os.replace(work, output)
-    except OSError:
-        os.replace(old / output.name, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- CLI

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rsmclip_geo.errors import RsmclipError
-from training.model import sha256_file
+from rsmclip_geo.files import sha256_file
 
 RS_M_CLIP_REPO = "joaodaniel/RS-M-CLIP"
 TEXT_REPO = "xlm-roberta-base"

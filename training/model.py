@@ -9,7 +9,6 @@ preprocess config, HF text config and tokenizer.json text) next to the state dic
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from rsmclip_geo.errors import RsmclipError
-from rsmclip_geo.files import publish, temp_file
+from rsmclip_geo.files import publish, sha256_file, temp_file
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +77,6 @@ def quiet_library_warnings(fragment: str) -> Iterator[None]:
         yield
     finally:
         root.removeFilter(notice_filter)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def architecture_payload(loaded: LoadedModel) -> dict[str, Any]:

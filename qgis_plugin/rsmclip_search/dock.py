@@ -287,12 +287,12 @@ class SearchDock(QDockWidget):
     # ------------------------------------------------------------------ models
     def refresh_models(self) -> None:
         """Fill the model picker with the bundles the core finds, keeping the stored choice."""
-        from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
+        from rsmclip_geo.api import DEFAULT_MODEL, list_models
 
         wanted = self.model_combo.currentData() or self.settings.model
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
-        for path in find_bundles():
+        for path in list_models():
             self.model_combo.addItem(f"{path.name} (default)" if path.name == DEFAULT_MODEL else path.name, str(path))
         if wanted and self.model_combo.findData(wanted) < 0:
             self.model_combo.addItem(Path(wanted).name, wanted)
@@ -314,7 +314,7 @@ class SearchDock(QDockWidget):
     def model_for(self, spec: str, threads: int):
         """The loaded model for a bundle spec ("" = default), kept for later queries (worker
         thread; one task runs at a time)."""
-        from rsmclip_geo.encoders import load_model
+        from rsmclip_geo.api import load_model
 
         key = (spec, threads)
         if key not in self.models:
@@ -335,20 +335,18 @@ class SearchDock(QDockWidget):
             settings = self.current_settings()
             tiling = tiling_params(settings)
         except RsmclipError as exc:
-            self.message(str(exc), Qgis.MessageLevel.Critical)
+            self.message(in_panel_words(exc), Qgis.MessageLevel.Critical)
             return
         self.save_settings()
         bands = rendered_bands(layer)
         threads = settings.threads or None
 
         def work(progress, cancel):
-            from rsmclip_geo.api import cached_scene_index
+            from rsmclip_geo.api import scene_index
 
             model = self.model_for(settings.model, settings.threads)
-            return model, cached_scene_index(
-                path, model=model, tiling=model_tiling(tiling, model.bundle.info), bands=bands, progress=progress,
-                cancel=cancel, threads=threads
-            )
+            return model, scene_index(path, model=model, tiling=model_tiling(tiling, model.bundle.info), bands=bands,
+                                      progress=progress, cancel=cancel, threads=threads)
 
         self.index = None
         self.indexed_layer = layer
@@ -390,7 +388,7 @@ class SearchDock(QDockWidget):
         from rsmclip_geo.errors import RsmclipError
 
         error = task.error
-        text = str(error) if isinstance(error, RsmclipError) else f"{type(error).__name__}: {error}"
+        text = in_panel_words(error) if isinstance(error, RsmclipError) else f"{type(error).__name__}: {error}"
         self.message(text, Qgis.MessageLevel.Critical)
 
     # ------------------------------------------------------------------ search
@@ -402,10 +400,10 @@ class SearchDock(QDockWidget):
             return
 
         def find(index, model, s: PanelSettings):
-            from rsmclip_geo.search import search_index
+            from rsmclip_geo.api import heatmap_path, search, write_heatmap
 
-            hits = search_index(index, query, model=model, top_k=s.top_k, threshold=score_threshold(s))
-            return hits, (write_query_heatmap(index, model, query) if s.heatmap else None)
+            result = search(index, query, model=model, params=search_params(s), scores=s.heatmap)
+            return result.hits, (write_heatmap(result, heatmap_path(index, [query])) if s.heatmap else None)
 
         self._search(query, find)
 
@@ -418,9 +416,9 @@ class SearchDock(QDockWidget):
         tile_id = item.data(0, Qt.ItemDataRole.UserRole)
 
         def find(index, model, s: PanelSettings):
-            from rsmclip_geo.search import similar
+            from rsmclip_geo.api import similar
 
-            return similar(index, tile_id=tile_id, model=model, top_k=s.top_k, threshold=score_threshold(s)), None
+            return similar(index, tile_id=tile_id, model=model, params=search_params(s)).hits, None
 
         self._search(f"similar to #{item.text(0)} of {self.result_layer.name()}", find)
 
@@ -497,8 +495,8 @@ class SearchDock(QDockWidget):
 
     def export_geojson(self) -> None:
         """Write the current results as RFC 7946 GeoJSON (the CLI's format) to a chosen file."""
+        from rsmclip_geo.api import write_hits
         from rsmclip_geo.errors import RsmclipError
-        from rsmclip_geo.export import write_hits
 
         if not self.current_hits:
             self.message("No results to export: search first", Qgis.MessageLevel.Warning)
@@ -515,16 +513,29 @@ class SearchDock(QDockWidget):
         try:
             written = write_hits(self.current_hits, target)
         except RsmclipError as exc:
-            self.message(str(exc), Qgis.MessageLevel.Critical)
+            self.message(in_panel_words(exc), Qgis.MessageLevel.Critical)
             return
         self.settings.export_dir = str(written.parent)
         self.save_settings()
         self.message(f"Exported {len(self.current_hits)} tiles to {written}", Qgis.MessageLevel.Success)
 
 
-def score_threshold(settings: PanelSettings) -> float | None:
-    """The minimum score to keep; None at the spin box's minimum ("any score")."""
-    return None if settings.threshold <= -1.0 else settings.threshold
+#: The panel's name for a core parameter (its form label), where it has one.
+FIELD_NAMES = {"tile_size": "Tile size", "tile_size_m": "Tile size (m)", "overlap": "Overlap", "scales": "Scales",
+               "threads": "Threads", "model": "Model", "top_k": "Top", "threshold": "Score ≥",
+               "output": "Export file", "cache_dir": "Cache folder"}
+
+
+def in_panel_words(error) -> str:
+    """A core error's message with its parameter named as the panel labels it (`Overlap 0.97: …`)."""
+    return error.worded(FIELD_NAMES.get)
+
+
+def search_params(settings: PanelSettings):
+    """The core's SearchParams from the panel settings; the threshold spin box's minimum means any score."""
+    from rsmclip_geo.api import SearchParams
+
+    return SearchParams(top_k=settings.top_k, threshold=None if settings.threshold <= -1.0 else settings.threshold)
 
 
 def raster_path(layer) -> str:
@@ -556,8 +567,7 @@ def rendered_bands(layer) -> tuple[int, int, int] | None:
 
 def tiling_params(settings: PanelSettings):
     """The core's TilingParams from the panel settings (RsmclipError on bad values)."""
-    from rsmclip_geo.cli.search_commands import parse_ints
-    from rsmclip_geo.tiling import TilingParams
+    from rsmclip_geo.api import TilingParams
 
     if settings.tile_size <= 0:  # the model's default tile size, filled in by the core
         size = {}
@@ -565,7 +575,7 @@ def tiling_params(settings: PanelSettings):
         size = {"tile_size": int(round(settings.tile_size))}
     else:
         size = {"tile_size_m": settings.tile_size}
-    return TilingParams(**size, overlap=settings.overlap, scales=parse_ints(settings.scales, "Scales"))
+    return TilingParams(**size, overlap=settings.overlap, scales=settings.scales)
 
 
 def model_tiling(tiling, info):
@@ -573,23 +583,8 @@ def model_tiling(tiling, info):
     resolution the model was trained at (tile_size_m=auto) when its bundle records one."""
     from dataclasses import replace
 
-    from rsmclip_geo.tiling import AUTO_TILE_SIZE
+    from rsmclip_geo.api import AUTO_TILE_SIZE
 
     if tiling.tile_size is None and tiling.tile_size_m is None and info.input_gsd_m is not None:
         return replace(tiling, tile_size_m=AUTO_TILE_SIZE)
     return tiling
-
-
-def write_query_heatmap(index, model, query: str) -> Path:
-    """The core's score heatmap of a text query over the indexed scene, in the core's cache."""
-    import hashlib
-
-    from rsmclip_geo.export import write_heatmap
-    from rsmclip_geo.index import default_cache_dir
-    from rsmclip_geo.search import query_vectors, score_tiles
-
-    scores = score_tiles(index, query_vectors(model, [query]))[0]
-    folder = default_cache_dir() / "heatmaps"
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(query.encode("utf-8")).hexdigest()[:12]
-    return write_heatmap(index, scores, folder / f"{index.path.stem}-{digest}.tif", queries=[query])

@@ -35,30 +35,31 @@ SCORE_CLASSES = 5
 COLOR_RAMP = "Viridis"
 FILL_ALPHA = 50  # of 255: the scene stays visible through the tiles
 
-HIT_FIELDS = (
-    ("rank", QVariant.Int),
-    ("score", QVariant.Double),
-    ("query", QVariant.String),
-    ("tile_id", QVariant.String),
-    ("scale", QVariant.Int),
-    ("scene", QVariant.String),
-)
+
+
+def field_type(kind: str) -> QVariant.Type:
+    """The QGIS field type of a hit property's Arrow type (rsmclip_geo.api.HIT_PROPERTIES)."""
+    if kind.startswith("int"):
+        return QVariant.Int
+    return QVariant.Double if kind.startswith("float") else QVariant.String
 
 
 def hits_layer(hits: Sequence, rings: Sequence[Sequence[tuple[float, float]]], crs_wkt: str, name: str) -> QgsVectorLayer:
     """A memory polygon layer (CRS ``crs_wkt``) with one feature per hit, in rank order; ``rings``
     are the hits' footprints in that CRS (``TileIndex.scene_footprint``)."""
+    from rsmclip_geo.api import HIT_PROPERTIES
+
     crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
     layer = QgsVectorLayer("Polygon", name, "memory")
     layer.setCrs(crs)
     provider = layer.dataProvider()
-    provider.addAttributes([QgsField(field, kind) for field, kind in HIT_FIELDS])
+    provider.addAttributes([QgsField(name, field_type(kind)) for name, kind in HIT_PROPERTIES.items()])
     layer.updateFields()
     features = []
     for hit, ring in zip(hits, rings):
         feature = QgsFeature(layer.fields())
         feature.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
-        feature.setAttributes([hit.rank, float(hit.score), hit.query, hit.tile_id, hit.scale, str(hit.scene)])
+        feature.setAttributes(list(hit.properties().values()))
         features.append(feature)
     provider.addFeatures(features)
     layer.updateExtents()

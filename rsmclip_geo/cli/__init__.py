@@ -21,6 +21,9 @@ log = logging.getLogger("rsmclip_geo")
 COMMAND_MODULES = ("rsmclip_geo.cli.model_commands", "rsmclip_geo.cli.search_commands")
 NUMBER_LIST_OPTIONS = ("--aoi",)  # options whose value may be a comma-separated list starting with a minus
 NUMBER_LIST = re.compile(r"^-[\d.]+(,\s*-?[\d.]+)+$")
+#: Library parameters whose option is not `--` + the name with dashes (None: a positional argument, named as is).
+OPTION_NAMES = {"output": "-o", "nms_overlap": "--nms", "tile_id": "--tile", "providers": "--provider",
+                "scenes": None, "index": None, "images": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +73,11 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     log.setLevel(level)
 
 
+def option_name(param: str) -> str | None:
+    """The command-line option of a library parameter (`overlap` -> `--overlap`)."""
+    return OPTION_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rsmclip-geo` console script."""
     parser = build_parser()
@@ -78,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RsmclipError as exc:
-        print(f"rsmclip-geo: error: {exc}", file=sys.stderr)
+        print(f"rsmclip-geo: error: {exc.worded(option_name)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rsmclip-geo: interrupted", file=sys.stderr)

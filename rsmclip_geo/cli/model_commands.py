@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rsmclip_geo.bundle import DEFAULT_MODEL, Bundle, BundleInfo, find_bundles, load_bundle, models_dirs
+from rsmclip_geo.cli.display import display_width, fit
 from rsmclip_geo.errors import BundleError, RsmclipError
 
 
@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, RGB TIFF)")
     classify.add_argument("--labels", nargs="+", metavar="LABEL", help="candidate labels, in any supported language")
     classify.add_argument("--labels-file", help="text file with one label per line")
-    classify.add_argument("--model", help=f"bundle name or directory (default: {DEFAULT_MODEL})")
+    classify.add_argument("--model", help="bundle name or directory (default: the bundled default model)")
     classify.add_argument("--json", action="store_true",
                           help='one JSON line per image: {"image", "label", "score", "probabilities"}')
     classify.add_argument("--top", type=int, default=3, help="labels shown per image in the table (default 3)")
@@ -50,19 +50,16 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from rsmclip_geo.classify import classify_images, format_table, read_labels, write_text_atomic
-    from rsmclip_geo.encoders import load_model
+    from rsmclip_geo.api import check_outputs, classify, load_model, read_labels, write_text_atomic
 
     labels = read_labels(args.labels, args.labels_file)
     if args.top < 1:
         raise RsmclipError(f"--top {args.top}: give a positive number")
     if args.output:
-        from rsmclip_geo.export import check_writable
-
-        check_writable(Path(args.output))
+        check_outputs(text=args.output)
     model = load_model(args.model, providers=args.provider, threads=args.threads, backend=args.backend,
                        batch_size=args.batch_size)
-    results = list(classify_images(model, args.images, labels))
+    results = classify(args.images, labels, model=model)
     text = "".join(r.to_json() + "\n" for r in results) if args.json else format_table(results, args.top)
     if args.output:
         write_text_atomic(args.output, text)
@@ -71,9 +68,22 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def bundle_summary(bundle: Bundle) -> dict[str, Any]:
+def format_table(results: list, top: int = 3) -> str:
+    """A human-readable table: image, then its ``top`` labels with percentages (names aligned by display width)."""
+    width = max(display_width(Path(r.image).name) for r in results)
+    lines = []
+    for result in results:
+        ranked = sorted(result.probabilities.items(), key=lambda item: -item[1])[:top]
+        cells = "  ".join(f"{label} {100 * p:5.1f} %" for label, p in ranked)
+        lines.append(f"{fit(Path(result.image).name, width)}  {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def bundle_summary(bundle) -> dict[str, Any]:
     """The fields `models` shows for one bundle."""
-    info: BundleInfo = bundle.info
+    from rsmclip_geo.api import DEFAULT_MODEL
+
+    info = bundle.info
     return {
         "name": info.name, "version": info.version, "path": str(bundle.path), "precision": info.precision,
         "embed_dim": info.embed_dim, "image_size": info.image_size, "languages": list(info.languages),
@@ -87,13 +97,12 @@ def bundle_summary(bundle: Bundle) -> dict[str, Any]:
 
 def run_models(args: argparse.Namespace) -> int:
     """List the bundles; with --verify, fail (after the list is out) naming every bundle that does not verify."""
-    from rsmclip_geo.classify import write_text_atomic
-    from rsmclip_geo.export import check_writable
+    from rsmclip_geo.api import check_outputs, list_models, load_bundle, models_dirs, write_text_atomic
 
     if args.output:
-        check_writable(Path(args.output))
+        check_outputs(text=args.output)
     lines, broken = [], []
-    paths = find_bundles()
+    paths = list_models()
     for path in paths:
         try:
             bundle = load_bundle(path)

@@ -8,9 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from rsmclip_geo.cli.display import fit
 from rsmclip_geo.errors import QueryError, RsmclipError
-from rsmclip_geo.display import fit
-from rsmclip_geo.export import HEATMAP_FORMATS, HIT_FORMATS, check_writable
 
 log = logging.getLogger("rsmclip_geo")
 
@@ -62,7 +61,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def tile_size_m_option(text: str) -> float | str:
     """--tile-size-m: metres, or auto."""
-    from rsmclip_geo.tiling import AUTO_TILE_SIZE
+    from rsmclip_geo.api import AUTO_TILE_SIZE
 
     if text.strip().lower() == AUTO_TILE_SIZE:
         return AUTO_TILE_SIZE
@@ -102,16 +101,24 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 
 def indexing_model(args: argparse.Namespace):
-    """The model to index with: a loaded torch-backend model, or the --model argument for the indexer to load."""
-    if args.backend == "torch":
-        from rsmclip_geo.encoders import load_model
+    """The model to index with, loaded once (--model, --backend, --device, --threads)."""
+    from rsmclip_geo.api import load_model
 
-        if getattr(args, "engine", "local") == "ray":
-            raise RsmclipError("--backend torch runs with --engine local (Ray encoder actors use ONNX Runtime)")
-        return load_model(args.model, backend="torch", device=args.device, batch_size=args.batch_size)
-    if args.device:
-        raise RsmclipError("--device needs --backend torch")
-    return args.model
+    return load_model(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                      batch_size=args.batch_size)
+
+
+def indexing_engine(args: argparse.Namespace):
+    """The engine of --engine with its options (the Ray options need --engine ray)."""
+    from rsmclip_geo.api import LocalEngine, RayEngine
+
+    options = dict(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                   gpus_per_worker=args.gpus_per_worker)
+    if args.engine == "ray":
+        return RayEngine(**options)
+    if options != RAY_DEFAULTS:
+        raise RsmclipError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --engine ray")
+    return LocalEngine()
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -142,10 +149,10 @@ def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) ->
 
 
 def tiling_params(args: argparse.Namespace):
-    from rsmclip_geo.tiling import TilingParams
+    from rsmclip_geo.api import TilingParams
 
     return TilingParams(tile_size=args.tile_size, tile_size_m=args.tile_size_m, overlap=args.overlap,
-                        scales=parse_ints(args.scales, "--scales"), min_valid=args.min_valid, min_std=args.min_std)
+                        scales=args.scales, min_valid=args.min_valid, min_std=args.min_std)
 
 
 def bands_option(args: argparse.Namespace) -> tuple[int, int, int] | None:
@@ -154,7 +161,7 @@ def bands_option(args: argparse.Namespace) -> tuple[int, int, int] | None:
 
 def nodata_option(args: argparse.Namespace) -> float | str | None:
     """--nodata: the file's value when not given, None for `none`, else a number."""
-    from rsmclip_geo.raster import FILE_NODATA
+    from rsmclip_geo.api import FILE_NODATA
 
     if args.nodata is None:
         return FILE_NODATA
@@ -181,21 +188,21 @@ def read_queries(args: argparse.Namespace) -> list[str]:
     return queries
 
 
-def check_outputs(args: argparse.Namespace, *inputs: str) -> None:
+def search_params(args: argparse.Namespace):
+    """The search options as the library's SearchParams."""
+    from rsmclip_geo.api import SearchParams
+
+    return SearchParams(top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
+                        lang=getattr(args, "lang", None), exact=getattr(args, "exact", False))
+
+
+def check_outputs(args: argparse.Namespace, *inputs: str, index=None) -> None:
     """Refuse unwritable -o / --heatmap paths, and outputs that would replace or land in an input (a scene,
     an index file or directory), before any work is done."""
-    inputs_resolved = [Path(path).resolve() for path in inputs]
-    for option, value, formats in (("-o", getattr(args, "output", None), HIT_FORMATS),
-                                   ("--heatmap", getattr(args, "heatmap", None), HEATMAP_FORMATS)):
-        if not value:
-            continue
-        check_writable(Path(value), formats, option=option)
-        target = Path(value).resolve()
-        if any(target == path or path in target.parents for path in inputs_resolved):
-            raise RsmclipError(f"{option} {value}: would overwrite or write into an input of this command; "
-                               "choose another path")
-    if getattr(args, "heatmap_scene", None) and not args.heatmap:
-        raise RsmclipError(f"--scene {args.heatmap_scene}: picks the scene of --heatmap; give --heatmap too")
+    from rsmclip_geo.api import check_outputs as check
+
+    check(hits=getattr(args, "output", None), heatmap=getattr(args, "heatmap", None), index=index,
+          scene=getattr(args, "heatmap_scene", None), inputs=inputs)
 
 
 def print_hits(hits) -> None:
@@ -208,21 +215,18 @@ def print_hits(hits) -> None:
               f"{hit.scale:>5}  {window:<24}  {centre.x:.6f},{centre.y:.6f}")
 
 
-def write_outputs(args: argparse.Namespace, hits, index, queries: list[str], model) -> None:
+def write_outputs(args: argparse.Namespace, result) -> None:
     """Write the hits file and the heatmap (before anything goes to stdout, which may be closed early);
     a heatmap that cannot be written fails before the hits file is written."""
-    from rsmclip_geo.api import score_tiles, write_heatmap, write_hits
-    from rsmclip_geo.export import check_heatmap
-    from rsmclip_geo.search import query_vectors
+    from rsmclip_geo.api import check_outputs as check, write_heatmap, write_hits
 
     scene = getattr(args, "heatmap_scene", None)
     if args.heatmap:
-        check_heatmap(index, args.heatmap, scene=scene)
+        check(heatmap=args.heatmap, index=result.index, scene=scene)
     if args.output:
-        write_hits(hits, args.output)
+        write_hits(result.hits, args.output)
     if args.heatmap:
-        scores = score_tiles(index, query_vectors(model, queries, args.lang))
-        write_heatmap(index, scores, args.heatmap, scene=scene, queries=queries)
+        write_heatmap(result, args.heatmap, scene=scene)
 
 
 def report(args: argparse.Namespace, hits) -> None:
@@ -233,83 +237,69 @@ def report(args: argparse.Namespace, hits) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import IndexHeader, index_scenes, index_scenes_ray
+    from rsmclip_geo.api import build_index
 
     if args.verify:
         return verify(args)
     if not args.scenes or not args.output:
         raise RsmclipError("index: give one or more scenes and -o OUTPUT (a .parquet file or a directory name), "
                            "or --verify INDEX")
-    ray_options = dict(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       gpus_per_worker=args.gpus_per_worker)
-    if args.engine == "local" and ray_options != RAY_DEFAULTS:
-        raise RsmclipError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --engine ray")
+    engine = indexing_engine(args)
     params = tiling_params(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    options = dict(model=indexing_model(args), tiling=params, bands=bands_option(args), nodata=nodata_option(args),
-                   batch_size=args.batch_size, progress=progress, threads=args.threads)
-    if args.engine == "ray":
-        output = index_scenes_ray(args.scenes, args.output, **ray_options, **options)
-    else:
-        output = index_scenes(args.scenes, args.output, **options)
+    header = build_index(args.scenes, args.output, model=indexing_model(args), tiling=params,
+                         bands=bands_option(args), nodata=nodata_option(args), engine=engine,
+                         batch_size=args.batch_size, progress=progress, threads=args.threads)
     progress.finish()
-    header = IndexHeader.read(output)
     scenes = len(header.scenes)
-    print(f"wrote {output}: {scenes} scene{'s' * (scenes != 1)}, {len(header)} tiles kept, "
+    print(f"wrote {header.path}: {scenes} scene{'s' * (scenes != 1)}, {len(header)} tiles kept, "
           f"{progress.total - len(header)} skipped, {time.perf_counter() - progress.start:.1f} s")
     return 0
 
 
 def verify(args: argparse.Namespace) -> int:
     """`index --verify INDEX`: check every page and row of an index (and its ANN index); one line either way."""
-    from rsmclip_geo.ann import ann_path, verify_ann
-    from rsmclip_geo.index import verify_index
+    from rsmclip_geo.api import verify_index
 
     if args.scenes or args.output:
         raise RsmclipError("--verify INDEX checks an existing index: give no scenes and no -o")
-    summary = verify_index(args.verify)
-    if ann_path(args.verify).is_dir():
-        summary += f"; {verify_ann(args.verify)}"
-    print(summary)
+    print(verify_index(args.verify))
     return 0
 
 
 def cmd_tile_search(args: argparse.Namespace) -> int:
     from rsmclip_geo.api import tile_search
-    from rsmclip_geo.index import resolve_model
 
     queries = read_queries(args)
     if args.output is None:
         args.output = f"{Path(args.scene).stem}_hits.geojson"
     check_outputs(args, args.scene)
     params = tiling_params(args)
-    model = resolve_model(indexing_model(args), args.threads)  # loaded here: the heatmap needs it too
+    search = search_params(args)
+    model = indexing_model(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    hits, index = tile_search(args.scene, queries, model=model, tiling=params, bands=bands_option(args),
-                              nodata=nodata_option(args),
-                              top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
-                              lang=args.lang, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              batch_size=args.batch_size, progress=progress, threads=args.threads)
+    result = tile_search(args.scene, queries, model=model, tiling=params, bands=bands_option(args),
+                         nodata=nodata_option(args), params=search, cache_dir=args.cache_dir,
+                         use_cache=not args.no_cache, batch_size=args.batch_size, progress=progress,
+                         threads=args.threads)
     progress.finish()
-    write_outputs(args, hits, index, queries, model)
-    report(args, hits)
+    write_outputs(args, result)
+    report(args, result.hits)
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import IndexHeader, QueryCache, TileIndex, search_index
+    from rsmclip_geo.api import open_index, search
 
     queries = read_queries(args)
     check_outputs(args, args.index)
-    # A heatmap needs every tile's score: load the whole index. Otherwise search_index picks
-    # exact or ANN search by size and reads only what it needs.
-    index = TileIndex.open(args.index) if args.heatmap else IndexHeader.read(args.index)
-    model = index.load_model(args.model, threads=args.threads)
-    hits = search_index(index, queries, model=model, top_k=args.top_k,
-                        threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms, lang=args.lang,
-                        exact=args.exact, query_cache=QueryCache())
-    write_outputs(args, hits, index, queries, model)
-    report(args, hits)
+    # A heatmap needs every tile's score: the whole index in memory. Otherwise the search picks exact
+    # or ANN search by size and reads only what it needs.
+    index = open_index(args.index, in_memory=bool(args.heatmap))
+    result = search(index, queries, model=args.model, params=search_params(args), scores=bool(args.heatmap),
+                    threads=args.threads)
+    write_outputs(args, result)
+    report(args, result.hits)
     return 0
 
 
@@ -321,16 +311,14 @@ def cmd_ann_index(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import TileIndex, similar, write_hits
+    from rsmclip_geo.api import similar, write_hits
 
     check_outputs(args, args.index)
-    index = TileIndex.open(args.index)
-    hits = similar(index, tile_id=args.tile, image=args.image, bands=bands_option(args), model=args.model,
-                   top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
-                   threads=args.threads)
+    result = similar(args.index, tile_id=args.tile, image=args.image, bands=bands_option(args), model=args.model,
+                     params=search_params(args), threads=args.threads)
     if args.output:
-        write_hits(hits, args.output)
-    report(args, hits)
+        write_hits(result.hits, args.output)
+    report(args, result.hits)
     return 0
 
 

@@ -63,7 +63,7 @@ def indexed(plugin, iface, shared_data, test_bundle):
 
 
 def test_index_then_query_makes_scored_layer_in_raster_crs(indexed, iface):
-    from rsmclip_geo.search import search_index
+    from rsmclip_geo.api import SearchParams, search
 
     dock, raster = indexed
     assert dock.progress.value() == 100
@@ -85,7 +85,7 @@ def test_index_then_query_makes_scored_layer_in_raster_crs(indexed, iface):
         assert raster.extent().contains(feature.geometry().boundingBox())
         assert math.isclose(feature.geometry().area(), (64 * 0.15) ** 2, rel_tol=0.05)
     # The panel shows the core's answer, nothing else.
-    core = search_index(dock.index, "carros estacionados na rua", model=dock.model, top_k=5)
+    core = search(dock.index, "carros estacionados na rua", model=dock.model, params=SearchParams(top_k=5)).hits
     assert [f["tile_id"] for f in features] == [h.tile_id for h in core]
     assert [round(f["score"], 5) for f in features] == [round(h.score, 5) for h in core]
     # Styled by score, labelled by rank, placed just above the raster.
@@ -160,7 +160,7 @@ def test_heatmap_raster_in_scene_crs(indexed):
 
 
 def test_export_geojson_reads_back(indexed, tmp_path):
-    from rsmclip_geo.export import hits_to_geojson
+    from rsmclip_geo.api import hits_to_geojson
 
     dock, raster = indexed
     type_query(dock, "estrada")

@@ -1,15 +1,14 @@
-"""Tile index: GeoParquet read/write, resumable shards, multi-scene jobs, cache keys.
+"""The tile index format: a GeoParquet file (or a directory of them) of tiles, footprints and embeddings.
 
-Written with pyarrow directly (WKB geometry + GeoParquet 1.1 `geo` metadata), so building an
-index needs no geopandas; geopandas, DuckDB and GDAL ≥ 3.8 read it as ordinary GeoParquet.
+Written with pyarrow directly (WKB geometry + GeoParquet 1.1 `geo` metadata), so building an index
+needs no geopandas; geopandas, DuckDB and GDAL ≥ 3.8 read it as ordinary GeoParquet. Here: the
+schema, the writers of finished files, the readers (IndexHeader: footers only; TileIndex: in
+memory) and `verify_index`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import math
 import os
 import shutil
 import tempfile
@@ -27,70 +26,21 @@ from rasterio.transform import Affine
 from rasterio.warp import transform as transform_coords
 from shapely.errors import ShapelyError
 
-from rsmclip_geo.errors import RsmclipError, TileIndexError
+from rsmclip_geo.errors import RsmclipError, TileIndexError, first_line
 from rsmclip_geo.files import publish, replace_directory, temp_file, write_errors
-from rsmclip_geo.locks import output_lock
-from rsmclip_geo.pipeline import CancelCallback, EmbeddedBatch, ProgressCallback, default_threads, embed_scene
-from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene, window_ring, window_rings
-from rsmclip_geo.tiling import TilingParams, TileWindow, ground_resolution_warning, tile_windows
-
-log = logging.getLogger(__name__)
+from rsmclip_geo.pipeline import EmbeddedBatch
+from rsmclip_geo.raster import window_ring, window_rings
+from rsmclip_geo.tiling import TilingParams
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"rsmclip_geo"
-MANIFEST = "manifest.json"
-#: Tiles buffered before a resume shard is written.
+#: Rows per file of an index written as a directory of GeoParquet parts.
 SHARD_TILES = 2048
 #: How far stored embedding norms and cosine scores may stray above 1 (float16 rounding); more means damage.
 UNIT_TOLERANCE = 0.01
 #: Every Parquet file is written with a CRC32 per page, verified whenever it is read.
 WRITE_OPTIONS = dict(compression="zstd", write_page_checksum=True)
-#: Advice after a failed write of the index or its resume shards.
-RESUME_ADVICE = "free disk space or make the folder writable, then rerun to resume"
 _WGS84 = CRS.from_epsg(4326)
-
-
-def default_cache_dir() -> Path:
-    """The tile-search cache: $RSMCLIP_GEO_CACHE, else ~/.cache/rsmclip-geo; RsmclipError without a home."""
-    env = os.environ.get("RSMCLIP_GEO_CACHE")
-    if env:
-        return Path(env).expanduser()
-    try:
-        home = Path.home()
-    except RuntimeError:  # no HOME and no user database entry
-        home = Path()
-    if not home.is_absolute() or home.parent == home:  # HOME empty, relative or /: never /.cache
-        raise RsmclipError(f"no home directory for the cache (HOME={os.environ.get('HOME', '')!r}); "
-                           "set RSMCLIP_GEO_CACHE to a folder or pass --cache-dir")
-    return home / ".cache" / "rsmclip-geo"
-
-
-def cache_key(scene: Scene, bundle_fingerprint: str, tiling: TilingParams) -> str:
-    """Cache key of a scene's index: scene fingerprint + mtime + bundle fingerprint + tiling params."""
-    parts = {
-        "scene": scene.fingerprint,
-        "mtime_ns": scene.path.stat().st_mtime_ns,
-        "bands": list(scene.rgb_bands),
-        "nodata": scene.nodata,
-        "bundle": bundle_fingerprint,
-        "tiling": tiling.to_json(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def scene_record(scene: Scene, path: str) -> dict:
-    """The per-scene metadata entry from which exact scene-CRS footprints can be rebuilt; `path` is the
-    scene's path as the caller gave it (relative stays relative), shown in hits and outputs."""
-    return {
-        "path": path,
-        "crs": scene.crs_wkt,
-        "transform": list(scene.transform),
-        "width": scene.width,
-        "height": scene.height,
-        "rgb_bands": list(scene.rgb_bands),
-        "nodata": None if scene.nodata is None else str(scene.nodata) if math.isnan(scene.nodata) else scene.nodata,
-        "nodata_overridden": scene.nodata_overridden,
-    }
 
 
 def index_schema(dim: int, metadata: dict) -> pa.Schema:
@@ -180,8 +130,8 @@ def open_parquet(path: Path) -> pq.ParquetFile:
 
 def damaged_index(file: Path, index: Path, reason: str) -> TileIndexError:
     """The error for a damaged file of a tile index: which file, why, and what to do."""
-    return TileIndexError(f"{file}: tile index is damaged ({reason}); rebuild it with `rsmclip-geo index` "
-                          f"(`rsmclip-geo index --verify {index}` checks every file)")
+    return TileIndexError(f"{file}: tile index is damaged ({reason}); rebuild it (verifying {index} checks "
+                          "every file)")
 
 
 def check_unit_vectors(embeddings: np.ndarray, file: Path, index: Path) -> np.ndarray:
@@ -193,12 +143,7 @@ def check_unit_vectors(embeddings: np.ndarray, file: Path, index: Path) -> np.nd
     return embeddings
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def _with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
+def with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
     """A table with the rsmclip_geo metadata and GeoParquet metadata (bbox of its rows)."""
     bbox = None
     if table.num_rows:
@@ -213,295 +158,16 @@ def index_is_file(output: Path) -> bool:
     return output.suffix.lower() == ".parquet"
 
 
-def _check_output(output: Path) -> None:
-    """Fail early, before any work, when the index cannot be written at `output`."""
-    from rsmclip_geo.export import check_writable  # export builds on this module
-
-    if output.suffix and not index_is_file(output):
-        raise RsmclipError(f"-o {output}: a tile index is a .parquet file or a directory; give a .parquet name "
-                           f"or a directory name without an extension (not {output.suffix})")
-    directory = not index_is_file(output)
-    check_writable(output, directory=directory)
-    if directory and output.is_dir() and any(not _is_index_part(p) for p in output.iterdir()):
-        raise RsmclipError(f"-o {output}: directory exists and holds other files (it would be replaced); "
-                           "choose a new directory or a .parquet file name")
-
-
-def _is_index_part(path: Path) -> bool:
+def is_index_part(path: Path) -> bool:
     return path.name.startswith("part-") and path.suffix == ".parquet"
 
 
-def job_parts(manifest: dict) -> dict:
-    """What makes two indexing jobs the same for a resume, besides the bundle: format, tiling, and
-    the scenes (by fingerprint) with everything recorded about them but the path they were given by."""
-    return {"format": manifest.get("format_version"), "tiling": manifest.get("tiling"),
-            "scenes": {fp: {key: value for key, value in record.items() if key != "path"}
-                       for fp, record in manifest.get("scenes", {}).items()}}
-
-
-class ShardWriter:
-    """Resume shards of one job in `<output>.partial/`: manifest + one GeoParquet file per flush.
-
-    The directory is created with the first shard, so a run that fails before embedding a tile
-    leaves none behind.
-    """
-
-    def __init__(self, partial: Path, manifest: dict):
-        self.partial = partial
-        self.manifest = manifest
-        self._buffer: list[pa.Table] = []
-        self._rows = 0
-        self._count = 0
-
-    def open(self) -> dict[str, set[str]]:
-        """The tile ids an earlier run of this job embedded, per scene fingerprint.
-
-        Resume state of another job (other scenes, tiling or format) is dropped with a warning;
-        that of another bundle is refused (its embeddings may have cost hours)."""
-        if not self.partial.is_dir():
-            return {}
-        old = self._read_manifest()
-        if old is not None and old["bundle"]["fingerprint"] != self.manifest["bundle"]["fingerprint"]:
-            raise TileIndexError(
-                f"{self.partial}: unfinished index built with model {old['bundle'].get('name')!r} "
-                f"(another bundle); rerun with that model or delete the directory to start over")
-        if old is None or job_parts(old) != job_parts(self.manifest):
-            changed = "unreadable" if old is None else "other " + ", ".join(
-                name for name, value in job_parts(old).items() if value != job_parts(self.manifest)[name])
-            log.warning("%s: unfinished index of another job (%s); starting over", self.partial, changed)
-            with write_errors(self.partial, "delete it or make its folder writable"):
-                shutil.rmtree(self.partial)
-            return {}
-        done: dict[str, set[str]] = {}
-        for shard in sorted(self.partial.glob("shard-*.parquet")):
-            try:
-                table = read_parquet(shard).select(["scene_fingerprint", "tile_id"])  # every page checked
-            except (pa.ArrowException, OSError) as exc:
-                log.warning("%s: unreadable (%s); its tiles are embedded again", shard, first_line(exc))
-                with write_errors(shard, "delete it or make its folder writable"):
-                    shard.unlink()
-                continue
-            for fp, tid in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                done.setdefault(fp, set()).add(tid)
-            self._count = max(self._count, int(shard.stem.split("-")[1]) + 1)
-        if done:
-            log.info("resuming: %d tiles already embedded in %s", sum(map(len, done.values())), self.partial)
-        return done
-
-    def _read_manifest(self) -> dict | None:
-        """The manifest an earlier run wrote, or None when it is missing or damaged."""
-        try:
-            manifest = json.loads((self.partial / MANIFEST).read_text())
-            return manifest if job_parts(manifest) and manifest["bundle"]["fingerprint"] else None
-        except (OSError, ValueError, TypeError, AttributeError, KeyError):
-            return None
-
-    def add(self, table: pa.Table) -> None:
-        self._buffer.append(table)
-        self._rows += table.num_rows
-        if self._rows >= SHARD_TILES:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered tiles as the next shard (creating the directory with the first one)."""
-        if not self._buffer:
-            return
-        if not self.partial.is_dir():
-            with write_errors(self.partial, RESUME_ADVICE):
-                self.partial.mkdir()
-                (self.partial / MANIFEST).write_text(json.dumps(self.manifest))
-        table = _with_metadata(pa.concat_tables(self._buffer), self.manifest)
-        self._buffer, self._rows = [], 0
-        atomic_write_table(table, self.partial / f"shard-{self._count:05d}.parquet", RESUME_ADVICE)
-        self._count += 1
-
-    def keep_for_resume(self) -> None:
-        """After a failure: write what is buffered, if the disk still takes it, and drop a directory
-        without shards."""
-        try:
-            self.flush()
-        except RsmclipError as exc:
-            log.warning("%s", exc)
-        if self.partial.is_dir() and not any(self.partial.glob("shard-*.parquet")):
-            shutil.rmtree(self.partial, ignore_errors=True)
-
-
-@dataclass
-class IndexJob:
-    """A validated indexing job: output checked, scenes opened, model loaded, every scene's tiles planned."""
-
-    output: Path
-    model: object
-    params: TilingParams
-    plans: list[tuple[Scene, list[TileWindow]]]
-    metadata: dict
-
-    @property
-    def partial(self) -> Path:
-        """The resume-shard directory next to the output."""
-        return self.output.with_name(self.output.name + ".partial")
-
-    @property
-    def schema(self) -> pa.Schema:
-        return index_schema(self.metadata["embed_dim"], self.metadata)
-
-    @property
-    def total_windows(self) -> int:
-        return sum(len(windows) for _, windows in self.plans)
-
-    def locked(self):
-        """Context holding `<output>.lock`: taken before the resume shards are touched, refused while
-        another run writes the same output."""
-        return output_lock(self.output)
-
-    @contextmanager
-    def shards(self) -> Iterator[tuple[ShardWriter, dict[str, set[str]]]]:
-        """(writer, tile ids already in the resume shards per scene fingerprint); on a clean exit the
-        shards are flushed and assembled into the index, on an exception only flushed (a rerun resumes).
-        Use it inside `locked()`."""
-        writer = ShardWriter(self.partial, self.metadata)
-        done_ids = writer.open()
-        try:
-            yield writer, done_ids
-            writer.flush()
-        except BaseException:
-            writer.keep_for_resume()
-            raise
-        assemble(self.partial, self.output, self.metadata)
-
-
-def plan_index(
-    scenes: Sequence[str | os.PathLike | Scene],
-    output: str | os.PathLike,
-    *,
-    model=None,
-    tiling: TilingParams = TilingParams(),
-    bands: tuple[int, int, int] | None = None,
-    nodata: float | str | None = FILE_NODATA,
-    threads: int | None = None,
-) -> IndexJob:
-    """Every check and the tile plan of an index job, done before any tile is read (RsmclipError on bad input)."""
-    output = Path(output)
-    if threads is not None:
-        default_threads(threads)
-    _check_output(output)
-    if not scenes:
-        raise RsmclipError("no scenes given: pass one or more raster files")
-    given: dict[str, tuple[Scene, str]] = {}  # fingerprint -> (scene, its path as given; a Scene's resolved path)
-    for item in scenes:
-        scene = item if isinstance(item, Scene) else open_scene(item, bands=bands, nodata=nodata)
-        given[scene.fingerprint] = (scene, str(scene.path) if isinstance(item, Scene) else os.fspath(item))
-    opened = [scene for scene, _ in given.values()]
-    model = resolve_model(model, threads)
-    info = model.bundle.info
-    params = tiling.for_model(info)
-    plans = [(scene, tile_windows(scene, params)) for scene in opened]
-    for scene in opened:
-        warn_ground_resolution(scene, params, info)
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "bundle": {"name": info.name, "fingerprint": model.bundle.fingerprint},
-        "embed_dim": int(info.embed_dim),
-        "tiling": params.to_json(),
-        "scenes": {fingerprint: scene_record(scene, path) for fingerprint, (scene, path) in given.items()},
-    }
-    return IndexJob(output, model, params, plans, metadata)
-
-
-def warn_ground_resolution(scene: Scene, params: TilingParams, info) -> None:
-    """Log the scene's ground-resolution warning (tiling.ground_resolution_warning), if it has one."""
-    warning = ground_resolution_warning(scene, params, info)
-    if warning:
-        log.warning("%s", warning)
-
-
-def index_scenes(
-    scenes: Sequence[str | os.PathLike | Scene],
-    output: str | os.PathLike,
-    *,
-    model=None,
-    tiling: TilingParams = TilingParams(),
-    bands: tuple[int, int, int] | None = None,
-    nodata: float | str | None = FILE_NODATA,
-    batch_size: int = 32,
-    progress: ProgressCallback | None = None,
-    cancel: CancelCallback | None = None,
-    threads: int | None = None,
-) -> Path:
-    """Build one GeoParquet tile index over several scenes (their CRSs may differ).
-
-    Finished batches go to `<output>.partial/` shards, so a rerun after an interruption resumes;
-    the index is assembled atomically at the end. An `output` ending in .parquet is one file,
-    anything else a directory of GeoParquet shards.
-    """
-    job = plan_index(scenes, output, model=model, tiling=tiling, bands=bands, nodata=nodata, threads=threads)
-    schema = job.schema
-    grand_total = job.total_windows
-    offset = 0
-    with job.locked(), job.shards() as (writer, done_ids):
-        for scene, windows in job.plans:
-            skip = done_ids.get(scene.fingerprint, set())
-            already = sum(1 for w in windows if w.tile_id(scene.fingerprint) in skip)
-            base = offset + already
-
-            def scene_progress(done: int, total: int, base: int = base) -> None:
-                if progress:
-                    progress(base + done, grand_total)
-
-            for batch in embed_scene(scene, job.model, job.params, batch_size=batch_size, threads=threads,
-                                     skip=skip, progress=scene_progress, cancel=cancel):
-                writer.add(batch_table(batch, schema))
-            offset += len(windows)
-    return job.output
-
-
-def resolve_model(model, threads: int | None = None):
-    """A loaded model from None (the default bundle), a name or path, or a Model instance."""
-    if model is None or isinstance(model, (str, os.PathLike)):
-        from rsmclip_geo.encoders import load_model
-
-        return load_model(None if model is None else str(model), threads=threads)
-    return model
-
-
-def assemble(partial: Path, output: Path, metadata: dict) -> None:
-    """Turn the resume shards into the final index (file or shard directory) and drop them; the scene
-    column takes each scene's path from the scenes table (as given to this run)."""
-    shards = sorted(partial.glob("shard-*.parquet"))
-    if not shards:
-        raise RsmclipError(f"{output}: no tile kept in any scene (all nodata, masked or constant); nothing indexed")
-    schema = index_schema(metadata["embed_dim"], metadata)
-    tables = []
-    for shard in shards:
-        try:
-            tables.append(read_parquet(shard, schema=schema))
-        except (pa.ArrowException, OSError) as exc:
-            raise TileIndexError(f"{shard}: resume shard is damaged ({first_line(exc)}); delete it and rerun "
-                                 "to embed its tiles again") from None
-    table = pa.concat_tables(tables)
-    fingerprints = table.column("scene_fingerprint").to_pylist()
-    paths = pa.array([metadata["scenes"][fp]["path"] for fp in fingerprints], pa.string())
-    table = table.set_column(schema.get_field_index("scene"), schema.field("scene"), paths)
-    order = {fp: i for i, fp in enumerate(metadata["scenes"])}
-    sort_keys = pa.array([order[fp] for fp in fingerprints], pa.int32())
-    table = table.append_column("_scene_order", sort_keys).sort_by(
-        [("_scene_order", "ascending"), ("scale", "ascending"), ("win_row", "ascending"), ("win_col", "ascending")]
-    ).drop_columns(["_scene_order"])
-    if index_is_file(output):
-        atomic_write_table(_with_metadata(table, metadata), output, RESUME_ADVICE)
-    else:
-        with write_errors(output, RESUME_ADVICE):
-            _write_shard_directory(table, output, metadata)
-    shutil.rmtree(partial, ignore_errors=True)
-    log.info("wrote %s: %d tiles from %d scenes", output, table.num_rows, len(metadata["scenes"]))
-
-
-def _write_shard_directory(table: pa.Table, output: Path, metadata: dict) -> None:
+def write_shard_directory(table: pa.Table, output: Path, metadata: dict) -> None:
     """A directory of GeoParquet files (one per SHARD_TILES rows), swapped in atomically."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         for i, start in enumerate(range(0, table.num_rows, SHARD_TILES)):
-            part = _with_metadata(table.slice(start, SHARD_TILES), metadata)
+            part = with_metadata(table.slice(start, SHARD_TILES), metadata)
             pq.write_table(part, tmp / f"part-{i:05d}.parquet", **WRITE_OPTIONS)
         replace_directory(tmp, output)
     except BaseException:
@@ -513,7 +179,7 @@ def index_files(path: str | os.PathLike) -> list[Path]:
     """The GeoParquet files of a tile index (a .parquet file or a shard directory), in row order."""
     path = Path(path)
     if not path.exists():
-        raise TileIndexError(f"{path}: no such tile index; build one with `rsmclip-geo index`")
+        raise TileIndexError(f"{path}: no such tile index; check the path or build the index first")
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise TileIndexError(f"{path}: directory holds no .parquet files; give a tile index")
@@ -552,16 +218,16 @@ class IndexMetadata:
 
     def load_model(self, model=None, threads: int | None = None):
         """The index's model: `model` if given (checked), else its bundle by name (checked)."""
-        if model is None:
-            from rsmclip_geo.bundle import resolve_bundle_path
-            from rsmclip_geo.encoders import load_model
+        from rsmclip_geo.bundle import resolve_bundle_path
+        from rsmclip_geo.encoders import load_model, resolve_model
 
+        if model is None:
             try:
                 bundle_path = resolve_bundle_path(self.bundle_name)
             except RsmclipError:
                 raise TileIndexError(
-                    f"{self.path}: built with model {self.bundle_name!r}, which is not installed; "
-                    "pass its bundle directory with --model") from None
+                    f"model: {self.path} was built with model {self.bundle_name!r}, which is not installed; "
+                    "give its bundle directory", param="model") from None
             model = load_model(bundle_path, threads=threads)
         else:
             model = resolve_model(model, threads)
@@ -711,6 +377,15 @@ class TileIndex(IndexMetadata):
         if rows is not None:
             column = column.take(pa.array(np.asarray(rows, dtype=np.int64)))
         return shapely.from_wkb(column.to_numpy(zero_copy_only=False))
+
+    def rows_at(self, lon: float, lat: float) -> np.ndarray:
+        """Rows whose footprint contains the point (EPSG:4326): the smallest scale first, then by the
+        distance of their centre to the point."""
+        point = shapely.Point(lon, lat)
+        tiles = self.geometries()
+        rows = np.flatnonzero(shapely.contains(tiles, point) | shapely.touches(tiles, point))
+        distance = shapely.distance(shapely.centroid(tiles[rows]), point)
+        return rows[np.lexsort((distance, self.column("scale")[rows]))]
 
     def row_of(self, tile_id: str) -> int:
         """Row number of a tile id; TileIndexError if the index has no such tile."""

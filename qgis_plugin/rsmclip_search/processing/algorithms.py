@@ -1,0 +1,227 @@
+"""The provider's algorithms, one class each; every one calls ``rsmclip_geo.api`` as the CLI does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterString,
+    QgsProviderRegistry,
+    QgsRasterLayer,
+)
+
+from .base import OUTPUT, Parameters, RsmclipAlgorithm, lonlat_geometries
+
+INPUT, TILE_SIZE, TILE_UNIT, OVERLAP, SCALES, BANDS = "INPUT", "TILE_SIZE", "TILE_UNIT", "OVERLAP", "SCALES", "BANDS"
+TILES, QUERIES, QUERY, SCENE, TILE_IDS, POINTS = "TILES", "QUERIES", "QUERY", "SCENE", "TILE_IDS", "POINTS"
+TILE_UNITS = ("pixels", "metres")
+
+
+class IndexAlgorithm(RsmclipAlgorithm):
+    """Raster layers (any CRSs) -> one GeoParquet tile index: api.build_index."""
+
+    NAME = "index"
+    DISPLAY_NAME = "Index raster layers"
+    HELP = ("Tiles and embeds raster layers (one or many, any CRS) into one GeoParquet tile index, as "
+            "<code>rsmclip-geo index</code> does. Tile size 0 is the model's default tile size in pixels; overlap is a "
+            "fraction of the tile; scales are multiples of the tile size (1,2); RGB bands are 1-based (3,2,1), "
+            "empty: by colour interpretation. A cancelled run keeps its finished batches; running it again with the "
+            "same output resumes.")
+    MODEL_DEFAULT = "the bundled default model"
+    WORDS = {"tile_size_m": TILE_SIZE, "output": OUTPUT}
+
+    def add_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterMultipleLayers(INPUT, "Raster layers", QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterNumber(TILE_SIZE, "Tile size",
+                                                       QgsProcessingParameterNumber.Double, defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum(TILE_UNIT, "Tile size unit", list(TILE_UNITS), defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber(OVERLAP, "Overlap",
+                                                       QgsProcessingParameterNumber.Double, defaultValue=0.0))
+        self.addParameter(QgsProcessingParameterString(SCALES, "Scales",
+                                                       defaultValue="1"))
+        self.addParameter(QgsProcessingParameterString(BANDS, "RGB bands", optional=True))
+        self.addParameter(QgsProcessingParameterFileDestination(OUTPUT, "Tile index",
+                                                                "GeoParquet tile index (*.parquet)"))
+        self.addOutput(QgsProcessingOutputNumber(TILES, "Tiles indexed"))
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import TilingParams, build_index, load_model
+
+        layers = self.parameterAsLayerList(parameters, INPUT, context)
+        if not layers:
+            raise self.fail(INPUT, "choose at least one raster layer")
+        scenes = [self.raster_path(layer) for layer in layers]
+        size = self.parameterAsDouble(parameters, TILE_SIZE, context)
+        if size == 0:
+            size_given = {}
+        elif TILE_UNITS[self.parameterAsEnum(parameters, TILE_UNIT, context)] == "pixels":
+            size_given = {"tile_size": int(round(size))}
+        else:
+            size_given = {"tile_size_m": size}
+        tiling = TilingParams(**size_given, overlap=self.parameterAsDouble(parameters, OVERLAP, context),
+                              scales=self.parameterAsString(parameters, SCALES, context))
+        bands = self.bands(parameters, context)
+        threads = self.threads(parameters, context)
+        output = self.parameterAsFileOutput(parameters, OUTPUT, context)
+        model = load_model(self.model_spec(parameters, context), threads=threads)
+        feedback.pushInfo(f"Indexing {len(scenes)} scene(s) with {model.bundle.info.name} into {output}")
+        header = build_index(scenes, output, model=model, tiling=tiling, bands=bands, progress=self.progress(feedback),
+                             cancel=feedback.isCanceled, threads=threads)
+        feedback.pushInfo(f"{output}: {len(header)} tiles")
+        return {OUTPUT: output, TILES: len(header)}
+
+    def raster_path(self, layer) -> str:
+        """The file behind a GDAL raster layer."""
+        if not isinstance(layer, QgsRasterLayer) or layer.providerType() != "gdal":
+            raise self.fail(INPUT, f"{layer.name()} is not a file-based GDAL raster layer")
+        path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source()).get("path") or ""
+        if not Path(path).is_file():
+            raise self.fail(INPUT, f"the source of {layer.name()}, {path or layer.source()}, is not a local file")
+        return path
+
+    def bands(self, parameters: Parameters, context: QgsProcessingContext) -> tuple[int, int, int] | None:
+        """BANDS as 1-based (R, G, B), None when empty."""
+        text = self.parameterAsString(parameters, BANDS, context).strip()
+        if not text:
+            return None
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) != 3 or not all(part.isdigit() for part in parts):
+            raise self.fail(BANDS, f"{text} is not three band numbers R,G,B; give e.g. 3,2,1")
+        return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+class TextSearchAlgorithm(RsmclipAlgorithm):
+    """Text queries in any of the model's languages over a tile index: api.search."""
+
+    NAME = "textsearch"
+    DISPLAY_NAME = "Text search"
+    HELP = ("Finds the tiles of a tile index that best match text queries in any of the model's languages "
+            "(one query per line), as <code>rsmclip-geo search</code> does. The hits are polygons in EPSG:4326 "
+            "with the fields rank, score, query, scene, tile_id, scale and the tile window. Minimum score is a cosine "
+            "score; the area of interest is a polygon layer or an extent, not both.")
+
+    def add_parameters(self) -> None:
+        self.add_index_parameter()
+        self.addParameter(QgsProcessingParameterString(QUERIES, "Queries", multiLine=True))
+        self.add_search_parameters()
+        self.add_hits_output()
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import search
+
+        queries = [line for line in self.parameterAsString(parameters, QUERIES, context).splitlines() if line.strip()]
+        if not queries:
+            raise self.fail(QUERIES, "type what to look for, one query per line, e.g. aeroporto")
+        result = search(self.index_path(parameters, context), queries, model=self.model_spec(parameters, context),
+                        params=self.search_params(parameters, context), threads=self.threads(parameters, context))
+        feedback.pushInfo(f"{len(result.hits)} hits for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}")
+        return {OUTPUT: self.write_hits(parameters, context, feedback, result.hits)}
+
+
+class SimilarAlgorithm(RsmclipAlgorithm):
+    """Search by example, the examples given as tile ids or as points on tiles: api.similar."""
+
+    NAME = "similar"
+    DISPLAY_NAME = "Search by example"
+    HELP = ("Finds the tiles most like example tiles of the index, as <code>rsmclip-geo similar --tile</code> does: "
+            "the examples are tile ids (one per line or comma-separated) and/or the tiles under the points of a "
+            "point layer (where tiles overlap, the smallest tile whose centre is nearest the point). Each example's "
+            "hits have the query tile:ID.")
+    WORDS = {"tile_id": TILE_IDS}
+
+    def add_parameters(self) -> None:
+        self.add_index_parameter()
+        self.addParameter(QgsProcessingParameterString(TILE_IDS, "Example tile ids", multiLine=True, optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(POINTS, "Example points",
+                                                              [QgsProcessing.TypeVectorPoint], optional=True))
+        self.add_search_parameters()
+        self.add_hits_output()
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import open_index, similar
+
+        index = open_index(self.index_path(parameters, context), in_memory=True)
+        tile_ids = re.split(r"[\s,]+", self.parameterAsString(parameters, TILE_IDS, context).strip())
+        tile_ids = [tile_id for tile_id in tile_ids if tile_id]
+        points = self.parameterAsSource(parameters, POINTS, context)
+        if points is not None:
+            tile_ids += self.tiles_under(index, points, context)
+        if not tile_ids:
+            raise self.fail(TILE_IDS, f"give example tile ids or a layer of points on tiles ({POINTS})")
+        model = self.model_spec(parameters, context)
+        params = self.search_params(parameters, context)
+        threads = self.threads(parameters, context)
+        hits = []
+        for tile_id in dict.fromkeys(tile_ids):
+            if feedback.isCanceled():
+                break
+            hits += similar(index, tile_id=tile_id, model=model, params=params, threads=threads).hits
+        feedback.pushInfo(f"{len(hits)} hits for {len(set(tile_ids))} example tile(s)")
+        return {OUTPUT: self.write_hits(parameters, context, feedback, hits)}
+
+    def tiles_under(self, index, points, context: QgsProcessingContext) -> list[str]:
+        """The id of the tile under each point: of the tiles containing it, the smallest scale, then the one
+        whose centre is nearest."""
+        import shapely
+
+        footprints = index.geometries()
+        tree = shapely.STRtree(footprints)
+        tile_ids, scales = index.column("tile_id"), index.column("scale")
+        found = []
+        for geometry in lonlat_geometries(points, context):
+            for lon, lat in shapely.get_coordinates(geometry):
+                point = shapely.Point(lon, lat)
+                rows = tree.query(point, predicate="intersects")
+                if not len(rows):
+                    raise self.fail(POINTS, f"the point at lon {lon:.6f}, lat {lat:.6f} lies on no tile of "
+                                            f"{index.path}; put the points on indexed tiles")
+                distances = shapely.distance(shapely.centroid(footprints[rows]), point)
+                best = min(range(len(rows)), key=lambda i: (scales[rows[i]], distances[i]))
+                found.append(str(tile_ids[rows[best]]))
+        return found
+
+
+class HeatmapAlgorithm(RsmclipAlgorithm):
+    """Every tile's score for a query as a float32 GeoTIFF in the scene's CRS: api.search + api.write_heatmap."""
+
+    NAME = "heatmap"
+    DISPLAY_NAME = "Score heatmap"
+    HELP = ("Scores every tile of the index against a text query and writes a float32 GeoTIFF in the scene's CRS, "
+            "each pixel the mean score of the tiles covering it (NaN where none was kept), as "
+            "<code>rsmclip-geo search --heatmap</code> does. An index of several scenes needs the scene "
+            "(its path or file name as indexed).")
+    WORDS = {"heatmap": OUTPUT, "output": OUTPUT}
+
+    def add_parameters(self) -> None:
+        self.add_index_parameter()
+        self.addParameter(QgsProcessingParameterString(QUERY, "Query"))
+        self.addParameter(QgsProcessingParameterString(SCENE, "Scene", optional=True))
+        self.addParameter(QgsProcessingParameterRasterDestination(OUTPUT, "Heatmap"))
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import check_outputs, open_index, search, write_heatmap
+
+        path = self.index_path(parameters, context)
+        output = self.parameterAsOutputLayer(parameters, OUTPUT, context)
+        scene = self.parameterAsString(parameters, SCENE, context).strip() or None
+        index = open_index(path, in_memory=True)
+        check_outputs(heatmap=output, index=index, scene=scene, inputs=[path])
+        result = search(index, [self.parameterAsString(parameters, QUERY, context)],
+                        model=self.model_spec(parameters, context), scores=True,
+                        threads=self.threads(parameters, context))
+        write_heatmap(result, output, scene=scene)
+        return {OUTPUT: output}
+
+
+ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, HeatmapAlgorithm)

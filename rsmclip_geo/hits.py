@@ -1,0 +1,66 @@
+"""Hits: one ranked tile for one query, the tile columns it is built from and its flat properties."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import shapely
+
+#: Flat properties of a hit in every output (GeoJSON, GeoPackage, GeoParquet, the QGIS layer), in order,
+#: with their Arrow type.
+HIT_PROPERTIES = {
+    "rank": "int32", "score": "float32", "query": "string", "scene": "string", "tile_id": "string", "scale": "int16",
+    "win_col": "int32", "win_row": "int32", "win_width": "int32", "win_height": "int32",
+}
+#: Tile columns a hit is built from.
+HIT_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "scale", "win_col", "win_row", "win_width", "win_height",
+               "geometry"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked tile for one query."""
+
+    rank: int
+    score: float
+    query: str
+    scene: str
+    scene_fingerprint: str
+    tile_id: str
+    scale: int
+    win_col: int
+    win_row: int
+    win_width: int
+    win_height: int
+    geometry: shapely.Polygon  # EPSG:4326, lon/lat
+
+    def properties(self) -> dict:
+        """Flat properties for GeoJSON / GeoPackage / Parquet output."""
+        values = {name: getattr(self, name) for name in HIT_PROPERTIES}
+        values["score"] = round(self.score, 6)
+        return values
+
+
+def hits_from_table(table, scores: Sequence[float], query: str) -> list[Hit]:
+    """Hits from the HIT_COLUMNS of the kept rows (best first) and their scores."""
+    columns = {name: table.column(name).to_pylist() for name in HIT_COLUMNS if name != "geometry"}
+    geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    return [
+        Hit(rank=i + 1, score=float(score), query=query, scene=columns["scene"][i],
+            scene_fingerprint=columns["scene_fingerprint"][i], tile_id=columns["tile_id"][i],
+            scale=int(columns["scale"][i]), win_col=int(columns["win_col"][i]), win_row=int(columns["win_row"][i]),
+            win_width=int(columns["win_width"][i]), win_height=int(columns["win_height"][i]), geometry=geometries[i])
+        for i, score in enumerate(scores)
+    ]
+
+
+def hits_to_geojson(hits: Sequence[Hit]) -> dict:
+    """A GeoJSON FeatureCollection (EPSG:4326, lon/lat, flat properties) of ranked hits."""
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": shapely.geometry.mapping(hit.geometry), "properties": hit.properties()}
+            for hit in hits
+        ],
+    }
