@@ -14,7 +14,6 @@ import shapely
 from rasterio.warp import transform as transform_coords
 from rasterio.warp import transform_bounds
 
-from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.export import hits_to_geojson, write_heatmap, write_hits
 from rsmclip_geo.index import TileIndex, index_scenes
@@ -22,11 +21,6 @@ from rsmclip_geo.raster import open_scene
 from rsmclip_geo.search import HIT_PROPERTIES, score_tiles, search_index
 
 PARAMS_TILE = 64
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from rasters import truncated_copy, write_geotiff
 
 from rsmclip_geo import ray_engine
 from rsmclip_geo.cli import main
-from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.index import TileIndex, batch_table, index_scenes, plan_index
 from rsmclip_geo.pipeline import Cancelled
@@ -47,11 +46,6 @@ def local_ray():
 @pytest.fixture(scope="module")
 def scenes(shared_data):
     return [shared_data / "geotiff" / name for name in SCENES]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
 
 
 @pytest.fixture(scope="module")
