@@ -14,12 +14,12 @@ import pytest
 import rasterio
 
 from rsmclip_geo import api
-from rsmclip_geo.bundle import load_bundle
+from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
 
 pytestmark = pytest.mark.usefixtures("package_models_only")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / "rsmclip-demo-aid"
+BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL
 MOSAIC = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic.tif"
 CELLS_CSV = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic_cells.csv"
 CELL = 150  # px per mosaic cell: the demo model's default tile size
@@ -54,7 +54,7 @@ def test_default_model_is_the_shipped_demo_bundle() -> None:
     assert bundle.path.resolve() == BUNDLE_DIR.resolve()
     bundle.verify()  # every file listed in bundle.json has its recorded sha256
     info = bundle.info
-    assert info.default_tile_size == 150
+    assert info.default_tile_size == CELL
     assert list(info.languages) == LANGUAGES
     assert info.precision == "fp32"
     assert (BUNDLE_DIR / "MODEL_CARD.md").is_file()
