@@ -4,7 +4,6 @@ its classFactory, GeoTIFF layers from ../shared/data and model bundles."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,26 +39,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def test_bundle(tmp_path_factory) -> Path:
-    """The core suite's tiny model bundle (random weights: structure checks, not rankings).
-
-    $RSMCLIP_TEST_BUNDLE names a ready one; otherwise it is exported once with the main venv
-    ($RSMCLIP_VENV, default .venv), since QGIS's Python has no torch."""
-    ready = os.environ.get("RSMCLIP_TEST_BUNDLE")
-    if ready:
-        return Path(ready)
-    venv = Path(os.environ.get("RSMCLIP_VENV", ".venv"))
-    python = (venv if venv.is_absolute() else REPO / venv) / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(f"RSMCLIP_VENV={venv}: no Python at {python}; point it at the project's main venv (with torch)")
-    out = tmp_path_factory.mktemp("bundles") / "tiny-bundle"
-    done = subprocess.run(
-        [str(python), str(REPO / "tests" / "qgis" / "build_test_bundle.py"), "-o", str(out)],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"building the test bundle failed:\n{done.stderr[-3000:]}")
-    return out
+def test_bundle() -> Path:
+    """The core suites' checked-in tiny model bundle tests/data/tiny-bundle (random weights: structure checks,
+    not rankings)."""
+    return REPO / "tests" / "data" / "tiny-bundle"
 
 
 @pytest.fixture

@@ -69,10 +69,10 @@ def test_unknown_model_name() -> None:
         create_model("ViT-Q-99")
 
 
-def test_onnx_files_have_symbolic_batch_dynamic_length_and_metadata(tiny_bundle: Path) -> None:
-    info = json.loads((tiny_bundle / "bundle.json").read_text())
+def test_onnx_files_have_symbolic_batch_dynamic_length_and_metadata(exported_bundle: Path) -> None:
+    info = json.loads((exported_bundle / "bundle.json").read_text())
     for name, input_name in (("image.onnx", "pixels"), ("text.onnx", "input_ids")):
-        proto = onnx.load(str(tiny_bundle / name), load_external_data=False)
+        proto = onnx.load(str(exported_bundle / name), load_external_data=False)
         assert proto.ir_version <= 10
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
         assert [i.name for i in proto.graph.input] == [input_name]
@@ -87,11 +87,11 @@ def test_onnx_files_have_symbolic_batch_dynamic_length_and_metadata(tiny_bundle:
         assert json.loads(props["rsmclip_geo.pad_id"]) == info["pad_id"]
 
 
-def test_text_graph_runs_any_batch_and_length(tiny_bundle: Path, tiny_model) -> None:
+def test_text_graph_runs_any_batch_and_length(exported_bundle: Path, tiny_model) -> None:
     loaded = create_model(None, checkpoint=tiny_model.checkpoint)
-    session = ort.InferenceSession(str(tiny_bundle / "text.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(exported_bundle / "text.onnx"), providers=["CPUExecutionProvider"])
     texts = ["a", "Serbatoi di stoccaggio in un'area industriale.", "机场", "Un campo de golf con bunkers.", "x y"]
-    ids = probe_ids(tiny_bundle, texts)
+    ids = probe_ids(exported_bundle, texts)
     assert ids.shape[1] < 32
     with torch.inference_mode():
         expected = loaded.model.encode_text(loaded.tokenizer(texts)).numpy()
@@ -141,7 +141,7 @@ def test_fp16_bundle_meets_its_threshold(tiny_model, tmp_path: Path) -> None:
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
 
 
-def test_fp16_torch_weights_hold_the_values_the_onnx_towers_use(tiny_model, tiny_bundle: Path, tmp_path: Path,
+def test_fp16_torch_weights_hold_the_values_the_onnx_towers_use(tiny_model, exported_bundle: Path, tmp_path: Path,
                                                                 shared_data: Path) -> None:
     from PIL import Image
     from safetensors import safe_open
@@ -151,7 +151,7 @@ def test_fp16_torch_weights_hold_the_values_the_onnx_towers_use(tiny_model, tiny
     with safe_open(str(out / "weights.safetensors"), "pt") as weights:
         dtypes = {weights.get_tensor(key).dtype for key in weights.keys()}
     assert torch.float16 in dtypes and torch.float32 not in dtypes
-    assert (out / "weights.safetensors").stat().st_size < 0.6 * (tiny_bundle / "weights.safetensors").stat().st_size
+    assert (out / "weights.safetensors").stat().st_size < 0.6 * (exported_bundle / "weights.safetensors").stat().st_size
     assert load_bundle(out).info.parity["top1_agreement"] == 1.0
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((shared_data / "figs").glob("*.jpg"))]
     onnx_model = load_model(out, providers=["cpu"])
@@ -163,14 +163,14 @@ def test_fp16_torch_weights_hold_the_values_the_onnx_towers_use(tiny_model, tiny
         export_bundle(loaded, tmp_path / "bf16", torch_weights="bf16")
 
 
-def test_int8_quantises_matmuls_and_stays_close(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_int8_quantises_matmuls_and_stays_close(exported_bundle: Path, tmp_path: Path) -> None:
     path = tmp_path / "image.onnx"
-    path.write_bytes((tiny_bundle / "image.onnx").read_bytes())
+    path.write_bytes((exported_bundle / "image.onnx").read_bytes())
     convert_precision(path, "int8")
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     pixels = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
-    fp32 = ort.InferenceSession(str(tiny_bundle / "image.onnx"), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(exported_bundle / "image.onnx"), providers=["CPUExecutionProvider"])
     int8 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     a, b = fp32.run(None, {"pixels": pixels})[0], int8.run(None, {"pixels": pixels})[0]
     cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -247,13 +247,13 @@ def test_low_parity_is_refused_and_nothing_is_written(tiny_model, tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_torch_backend_agrees_with_onnx(tiny_bundle: Path, shared_data: Path) -> None:
+def test_torch_backend_agrees_with_onnx(exported_bundle: Path, shared_data: Path) -> None:
     from PIL import Image
 
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((shared_data / "figs").glob("*.jpg"))]
     texts = ["aeroporto", "Un campo de golf con bunkers.", "储油罐"]
-    onnx_model = load_model(tiny_bundle, providers=["cpu"])
-    torch_model = load_model(tiny_bundle, backend="torch", device="cpu")
+    onnx_model = load_model(exported_bundle, providers=["cpu"])
+    torch_model = load_model(exported_bundle, backend="torch", device="cpu")
     assert torch_model.providers == ["torch:cpu"]
     for encode in ("encode_images", "encode_texts"):
         data = images if encode == "encode_images" else texts
@@ -261,7 +261,7 @@ def test_torch_backend_agrees_with_onnx(tiny_bundle: Path, shared_data: Path) ->
         assert np.sum(a * b, axis=1).min() >= 0.99999
 
 
-def test_pipeline_on_the_torch_backend_matches_onnx(tiny_bundle: Path, shared_data: Path) -> None:
+def test_pipeline_on_the_torch_backend_matches_onnx(exported_bundle: Path, shared_data: Path) -> None:
     """Worker threads sending uint8 tiles to the torch towers (normalised there) embed like ONNX Runtime."""
     from rsmclip_geo.pipeline import embed_scene
     from rsmclip_geo.raster import open_scene
@@ -270,7 +270,7 @@ def test_pipeline_on_the_torch_backend_matches_onnx(tiny_bundle: Path, shared_da
     scene = open_scene(shared_data / "geotiff" / "pix4d_farm_rgba_35cm.tif")
     params = TilingParams(tile_size=96, overlap=0.5, scales=(1, 2))
     embedded = {}
-    for model in (load_model(tiny_bundle, providers=["cpu"]), load_model(tiny_bundle, backend="torch", device="cpu")):
+    for model in (load_model(exported_bundle, providers=["cpu"]), load_model(exported_bundle, backend="torch", device="cpu")):
         embedded[model.backend] = {w.tile_id(scene.fingerprint): v for batch in embed_scene(scene, model, params,
                                                                                          batch_size=16, threads=3)
                                    for w, v in zip(batch.windows, batch.embeddings)}
@@ -279,12 +279,12 @@ def test_pipeline_on_the_torch_backend_matches_onnx(tiny_bundle: Path, shared_da
     assert min(cosines) >= 0.99999
 
 
-def test_cli_index_on_the_torch_backend(tiny_bundle: Path, shared_data: Path, tmp_path: Path, capsys) -> None:
+def test_cli_index_on_the_torch_backend(exported_bundle: Path, shared_data: Path, tmp_path: Path, capsys) -> None:
     from rsmclip_geo.cli import main
     from rsmclip_geo.tile_index import TileIndex
 
     scene = shared_data / "geotiff" / "colorado_rgb_15cm.tif"
-    common = [str(scene), "--model", str(tiny_bundle), "--tile-size", "64"]
+    common = [str(scene), "--model", str(exported_bundle), "--tile-size", "64"]
     assert main(["-q", "index", *common, "--backend", "torch", "--device", "cpu", "-o", str(tmp_path / "t.parquet")]) == 0
     assert main(["-q", "index", *common, "-o", str(tmp_path / "o.parquet")]) == 0
     torch_index, onnx_index = TileIndex.open(tmp_path / "t.parquet"), TileIndex.open(tmp_path / "o.parquet")
@@ -302,7 +302,7 @@ def test_cli_index_on_the_torch_backend(tiny_bundle: Path, shared_data: Path, tm
                          "give no device")
 
 
-def test_parity_on_real_aid_images(tiny_bundle: Path, tiny_model, shared_data: Path) -> None:
+def test_parity_on_real_aid_images(exported_bundle: Path, tiny_model, shared_data: Path) -> None:
     """Beyond the packaged probes: torch + open_clip transform vs runtime preprocessing + ONNX, 30 AID classes."""
     from PIL import Image
 
@@ -312,7 +312,7 @@ def test_parity_on_real_aid_images(tiny_bundle: Path, tiny_model, shared_data: P
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(
             loaded.model.encode_image(torch.stack([loaded.preprocess(im) for im in images])), dim=-1).numpy()
-    got = load_model(tiny_bundle, providers=["cpu"]).encode_images([np.asarray(im) for im in images])
+    got = load_model(exported_bundle, providers=["cpu"]).encode_images([np.asarray(im) for im in images])
     assert len(files) == 30
     assert np.sum(expected * got, axis=1).min() >= 0.99999
 

@@ -28,11 +28,6 @@ PARAMS = TilingParams(tile_size=64, overlap=0.5, scales=(1, 2))
 
 
 @pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
-
-
-@pytest.fixture(scope="module")
 def index(shared_data, model, tmp_path_factory):
     scenes = [shared_data / "geotiff" / n for n in ("colorado_rgb_15cm.tif", "pix4d_farm_rgba_35cm.tif")]
     output = tmp_path_factory.mktemp("search") / "two.parquet"

@@ -18,11 +18,6 @@ from rsmclip_geo.tiling import TilingParams, tile_windows
 PARAMS = TilingParams(tile_size=64)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
-
-
 @pytest.fixture
 def colorado(shared_data):
     return open_scene(shared_data / "geotiff" / "colorado_rgb_15cm.tif")

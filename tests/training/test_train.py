@@ -17,7 +17,7 @@ from training import data as D
 from training import train as T
 from training.model import create_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AID = REPO / ".." / "shared" / "data" / "aid"
 CLASSES = ["Airport", "Beach", "Farmland", "Forest", "Parking", "StorageTanks"]
 

@@ -15,7 +15,7 @@ from PIL import Image
 from rsmclip_geo.errors import RsmclipError
 from training import data as D
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_split_class_folder_on_aid(shared_data):

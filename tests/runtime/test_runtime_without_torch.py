@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rsmclip_geo.bundle import DEFAULT_MODEL
+
+#: the shipped default bundle: it has the torch weights the torch backend loads
+SHIPPED_BUNDLE = Path(__file__).resolve().parents[2] / "rsmclip_geo" / "models" / DEFAULT_MODEL
+
 BLOCK_TORCH = '''
 import importlib.abc, sys
 
@@ -49,11 +54,11 @@ def test_classify_without_torch(tiny_bundle: Path, shared_data: Path, tmp_path: 
     assert all(line["label"] in ("aeroporto", "campo de golf") for line in lines)
 
 
-def test_torch_backend_says_what_to_install(tiny_bundle: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_torch_backend_says_what_to_install(shared_data: Path, tmp_path: Path) -> None:
     image = str(sorted((shared_data / "figs").glob("*.jpg"))[0])
     code = ("import sys\nfrom rsmclip_geo.cli import main\n"
             f"sys.exit(main(['classify', {image!r}, '--labels', 'a', 'b', '--backend', 'torch',"
-            f" '--model', {str(tiny_bundle)!r}]))\n")
+            f" '--model', {str(SHIPPED_BUNDLE)!r}]))\n")
     result = run_blocked(tmp_path, code)
     assert result.returncode == 2
     assert result.stderr.startswith("rsmclip-geo: error: the torch backend needs torch")

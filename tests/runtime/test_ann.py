@@ -13,7 +13,6 @@ import pytest
 from rsmclip_geo.api import SearchParams, search
 from rsmclip_geo.ann import AnnIndex, ann_path, build_ann, choose_kind, verify_ann
 from rsmclip_geo.cli import main
-from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import TileIndexError
 from rsmclip_geo.indexer import index_scenes
 from rsmclip_geo.tile_index import IndexHeader, TileIndex
@@ -25,11 +24,6 @@ from rsmclip_geo.tiling import TilingParams
 pytest.importorskip("faiss")
 
 QUERIES = ["airport", "aeroporto", "campo de golf", "储油罐", "forest", "Fluss", "пляж", "farmland"]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
 
 
 @pytest.fixture(scope="module")

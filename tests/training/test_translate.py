@@ -14,7 +14,7 @@ from training.data import read_jsonl_records
 from training.tokenizer import save_tokenizer
 from training.translate import language_generation_kwargs, translate_captions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ("many planes are parked near the terminal an airport with a long runway waves on sandy beach "
          "green trees forest dense river bridge over por_Latn spa_Latn").split()
 

@@ -1,4 +1,4 @@
-"""Bundle loading, validation, lookup by name, and the runtime encoders on a real exported bundle."""
+"""Bundle loading, validation, lookup by name, and the runtime encoders on the checked-in tiny bundle."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from build_test_bundle import TINY_EMBED_DIM
 from PIL import Image
 
 from rsmclip_geo.bundle import BUNDLE_JSON, DEFAULT_MODEL, MODELS_ENV, find_bundles, load_bundle, resolve_bundle_path
 from rsmclip_geo.cli import option_name
 from rsmclip_geo.encoders import load_model, resolve_providers
 from rsmclip_geo.errors import BundleError, RsmclipError
-from conftest import TINY_EMBED_DIM
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:
@@ -162,9 +162,10 @@ def test_provider_choice() -> None:
 
 def test_verify_names_a_listed_file_that_is_missing(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
-    (bundle / "weights.safetensors").unlink()  # optional for loading, but listed in bundle.json
+    files = json.loads((bundle / BUNDLE_JSON).read_text())["files"]
+    edit_bundle_json(bundle, files={**files, "MODEL_CARD.md": "0" * 64})  # optional for loading, but listed
     loaded = load_bundle(bundle)
-    with pytest.raises(BundleError, match=r"weights\.safetensors: listed in bundle.json but missing"):
+    with pytest.raises(BundleError, match=r"MODEL_CARD\.md: listed in bundle.json but missing"):
         loaded.verify()
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: the trained XLM-R-style tokenizer, its HF directory, and tokenizer.json in the runtime."""
+"""Tokenizers made in training: the trained XLM-R-style tokenizer, its HF directory, and the runtime reading the
+tokenizer.json an export writes as open_clip's tokenizers do."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from build_test_bundle import REPO_ROOT, multilingual_corpus
 
-from conftest import REPO_ROOT, multilingual_corpus
-from rsmclip_geo.errors import BundleError, QueryError
-from rsmclip_geo.tokenizer import TextTokenizer, clean_text
+from rsmclip_geo.tokenizer import TextTokenizer
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer, write_hf_text_dir
 
 
@@ -55,14 +55,14 @@ def test_hf_text_dir_loads_offline_with_transformers(tmp_path: Path) -> None:
     AutoModel.from_config(config)  # the text tower builds from the directory
 
 
-def test_runtime_tokenizer_matches_open_clip_hf_tokenizer(tiny_model, tiny_bundle: Path) -> None:
+def test_runtime_tokenizer_matches_open_clip_hf_tokenizer(tiny_model, exported_bundle: Path) -> None:
     import open_clip.tokenizer
 
-    info = json.loads((tiny_bundle / "bundle.json").read_text())
+    info = json.loads((exported_bundle / "bundle.json").read_text())
     reference = open_clip.tokenizer.HFTokenizer(str(tiny_model.hf_text_dir), context_length=info["context_length"])
     texts = probe_texts() + ["  spaces   and\ttabs ", "&amp; entities &lt;b&gt;", "word " * 100]
     expected = reference(texts).numpy()
-    got = TextTokenizer(tiny_bundle / "tokenizer.json", info["context_length"], info["pad_id"]).encode(texts)
+    got = TextTokenizer(exported_bundle / "tokenizer.json", info["context_length"], info["pad_id"]).encode(texts)
     assert got.dtype == np.int64 and got.shape[1] <= info["context_length"]
     padded = np.full_like(expected, info["pad_id"])
     padded[:, : got.shape[1]] = got
@@ -85,19 +85,3 @@ def test_clip_bpe_conversion_matches_open_clip_tokenizer(tmp_path: Path) -> None
     padded = np.zeros_like(expected)
     padded[:, : got.shape[1]] = got
     np.testing.assert_array_equal(padded, expected)
-
-
-def test_clean_text() -> None:
-    assert clean_text("  a \n b&amp;amp;c ") == "a b&c"
-
-
-def test_bad_inputs(tiny_bundle: Path, tmp_path: Path) -> None:
-    tokenizer = TextTokenizer(tiny_bundle / "tokenizer.json", 32, 1)
-    with pytest.raises(QueryError, match="no text"):
-        tokenizer.encode([])
-    with pytest.raises(QueryError, match="strings"):
-        tokenizer.encode([b"bytes"])  # type: ignore[list-item]
-    broken = tmp_path / "tokenizer.json"
-    broken.write_text("{}")
-    with pytest.raises(BundleError, match="tokenizer.json"):
-        TextTokenizer(broken, 32, 1)

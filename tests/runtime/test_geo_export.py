@@ -15,7 +15,6 @@ from rasterio.warp import transform as transform_coords
 from rasterio.warp import transform_bounds
 
 from rsmclip_geo.api import SearchParams, search
-from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.export import write_heatmap, write_hits
 from rsmclip_geo.hits import hits_to_geojson
@@ -26,11 +25,6 @@ from rsmclip_geo.hits import HIT_PROPERTIES
 from rsmclip_geo.search import score_tiles
 
 PARAMS_TILE = 64
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
 
 
 @pytest.fixture(scope="module")

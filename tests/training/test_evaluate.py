@@ -24,7 +24,7 @@ from training.evaluate import (
 )
 from training.model import create_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["Beach", "Forest", "Parking", "StorageTanks"]
 
 
@@ -85,11 +85,11 @@ def test_class_embeddings_are_normalised_prompt_means(tiny_model):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
 
 
-def test_checkpoint_and_bundle_give_the_same_zero_shot_numbers(tiny_model, tiny_bundle, small_aid):
+def test_checkpoint_and_bundle_give_the_same_zero_shot_numbers(tiny_model, exported_bundle, small_aid):
     vocab = REPO / "training" / "vocab" / "aid_classes.yaml"
     langs = ["en", "pt", "zh"]
     torch_encoder = TorchEncoder(create_model(None, checkpoint=tiny_model.checkpoint))
-    bundle_encoder = BundleEncoder(tiny_bundle)
+    bundle_encoder = BundleEncoder(exported_bundle)
     pairs = D.split_class_folder(small_aid)["train"]
     paths = [p for p, _ in pairs]
     # embeddings agree within the export's parity tolerance
@@ -132,7 +132,7 @@ def test_cli_zero_shot_writes_json_and_confusion_files(tiny_model, small_aid, tm
         "eval.json"]
 
 
-def test_retrieval_on_caption_file_per_language(tiny_model, tiny_bundle, small_aid, tmp_path):
+def test_retrieval_on_caption_file_per_language(tiny_model, exported_bundle, small_aid, tmp_path):
     images, sidecar = [], []
     sentid = 0
     for name in CLASSES:
@@ -149,7 +149,7 @@ def test_retrieval_on_caption_file_per_language(tiny_model, tiny_bundle, small_a
     translations.write_text("".join(json.dumps(r) + "\n" for r in sidecar), encoding="utf-8")
     results = [
         evaluate_data(encoder, captions, ["en", "pt", "zh"], images=small_aid, translations=[translations])
-        for encoder in (TorchEncoder(create_model(None, checkpoint=tiny_model.checkpoint)), BundleEncoder(tiny_bundle))
+        for encoder in (TorchEncoder(create_model(None, checkpoint=tiny_model.checkpoint)), BundleEncoder(exported_bundle))
     ]
     for result in results:
         assert result["task"] == "retrieval" and result["split"] == "test"

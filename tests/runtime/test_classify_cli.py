@@ -113,7 +113,7 @@ def test_models_lists_bundles(tiny_bundle: Path, tmp_path: Path, monkeypatch: py
     good = [line for line in lines if "error" not in line and line["path"].startswith(str(models))]
     bad = [line for line in lines if "error" in line]
     assert [line["name"] for line in good] == ["tiny-bundle"]
-    assert good[0]["embed_dim"] == 32 and good[0]["torch_weights"] is True
+    assert good[0]["embed_dim"] == 32 and good[0]["torch_weights"] is False  # ONNX only
     assert good[0]["parity_min_cosine"] >= 0.99999
     assert len(bad) == 1 and "missing field" in bad[0]["error"]
     assert main(["models"]) == 0
@@ -125,7 +125,7 @@ def test_shipped_bundle_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("rsmclip_geo.bundle.USER_MODELS_DIR", tmp_path / "none")
     assert main(["models", "--verify", "--json"]) == 0
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert line["name"] == "rsmclip-demo-aid" and line["default"] is True
+    assert line["name"] == "rsmclip-demo-aid" and line["default"] is True and line["torch_weights"] is True
 
 
 def test_labels_file_with_a_byte_order_mark(tiny_bundle: Path, shared_data: Path, tmp_path: Path,

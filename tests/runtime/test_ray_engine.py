@@ -19,7 +19,6 @@ from rasters import truncated_copy, write_geotiff
 from rsmclip_geo import ray_engine
 from rsmclip_geo.api import RayEngine, SearchParams, search
 from rsmclip_geo.cli import main
-from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.indexer import index_scenes, plan_index
 from rsmclip_geo.tile_index import TileIndex, batch_table
@@ -49,11 +48,6 @@ def local_ray():
 @pytest.fixture(scope="module")
 def scenes(shared_data):
     return [shared_data / "geotiff" / name for name in SCENES]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return load_model(tiny_bundle, threads=2)
 
 
 @pytest.fixture(scope="module")
