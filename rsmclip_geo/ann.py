@@ -37,7 +37,7 @@ import shapely
 from rsmclip_geo.files import sha256_file
 from rsmclip_geo.errors import RsmclipError, TileIndexError, first_line
 from rsmclip_geo.files import replace_directory, write_errors
-from rsmclip_geo.tile_index import UNIT_TOLERANCE, IndexHeader, check_unit_vectors, open_parquet
+from rsmclip_geo.tile_index import UNIT_TOLERANCE, WINDOW_COLUMNS, IndexHeader, check_unit_vectors, open_parquet
 from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import default_threads
 
@@ -63,7 +63,7 @@ IVF_KMEANS_ITERATIONS = 12
 EXACT_SUBSET_ROWS = 65536
 #: Rows read per batch while building.
 BUILD_BATCH_ROWS = 65536
-_TILE_COLUMNS = ["scene_fingerprint", "win_col", "win_row", "win_width", "win_height", "geometry"]
+_TILE_COLUMNS = ["scene_fingerprint", *WINDOW_COLUMNS, "geometry"]
 _TAIL_BYTES = 64 * 1024
 
 
@@ -204,7 +204,7 @@ def _build(faiss, header: IndexHeader, kind: str, params: dict, tmp: Path) -> No
                 index.add(check_unit_vectors(vectors, path, header.path).astype(np.float32))
                 end = start + n
                 windows[start:end] = np.column_stack(
-                    [batch.column(c).to_numpy() for c in ("win_col", "win_row", "win_width", "win_height")])
+                    [batch.column(c).to_numpy() for c in WINDOW_COLUMNS])
                 scenes[start:end] = [scene_codes[fp] for fp in batch.column("scene_fingerprint").to_pylist()]
                 polygons = shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False))
                 rings[start:end] = shapely.get_coordinates(shapely.get_exterior_ring(polygons)).reshape(n, 5, 2)

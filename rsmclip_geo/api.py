@@ -19,12 +19,13 @@ import numpy as np
 from rsmclip_geo.ann import ann_path, build_ann, verify_ann
 from rsmclip_geo.bundle import DEFAULT_MODEL, Bundle, BundleInfo, find_bundles, load_bundle, models_dirs
 from rsmclip_geo.caches import QUERY_CACHE_FILE, QueryCache, cached_scene_index, heatmap_path
+from rsmclip_geo.change import ANY_CHANGE, CHANGE_DIRECTIONS, CHANGE_PROPERTIES, ChangeHit, change_search
 from rsmclip_geo.classify import Classification, classify_images, read_labels
 from rsmclip_geo.encoders import Model, load_model as _load_model, resolve_model
 from rsmclip_geo.errors import QueryError, RsmclipError
-from rsmclip_geo.export import HEATMAP_FORMATS, HIT_FORMATS, check_heatmap, write_hits
+from rsmclip_geo.export import HEATMAP_FORMATS, HIT_FORMATS, check_heatmap, write_changes, write_hits
 from rsmclip_geo.export import write_heatmap as _write_heatmap
-from rsmclip_geo.feedback import FEEDBACK_METHODS, Judgement, Labels
+from rsmclip_geo.feedback import FEEDBACK_METHODS, LABELS_FORMATS, Judgement, Labels
 from rsmclip_geo.files import check_writable, write_text_atomic
 from rsmclip_geo.hits import HIT_PROPERTIES, Hit, hits_to_geojson
 from rsmclip_geo.indexer import IndexEngine, LocalEngine, index_scenes
@@ -32,6 +33,7 @@ from rsmclip_geo.pipeline import CancelCallback, Cancelled, ProgressCallback
 from rsmclip_geo.queries import clean_queries
 from rsmclip_geo.ray_engine import RayEngine
 from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
+from rsmclip_geo.remote import clean_location, scene_file_name
 from rsmclip_geo.search import SearchParams, search_index
 from rsmclip_geo.search import similar as _similar
 from rsmclip_geo.tile_index import IndexHeader, TileIndex
@@ -39,14 +41,14 @@ from rsmclip_geo.tile_index import verify_index as _verify_index
 from rsmclip_geo.tiling import AUTO_TILE_SIZE, TilingParams
 
 __all__ = [
-    "AUTO_TILE_SIZE", "DEFAULT_MODEL", "FEEDBACK_METHODS", "FILE_NODATA", "HEATMAP_FORMATS", "HIT_FORMATS",
-    "HIT_PROPERTIES", "Bundle", "BundleInfo", "CancelCallback", "Cancelled", "Classification", "Hit", "IndexEngine",
-    "IndexHeader", "Judgement", "Labels", "LocalEngine", "Model", "ProgressCallback", "RayEngine", "RsmclipError",
-    "Scene", "SearchParams", "SearchResult", "TileIndex", "TilingParams", "build_ann", "build_index",
-    "check_outputs", "classify", "heatmap_path", "tiles_at",
-    "hits_to_geojson", "list_models", "load_bundle", "load_model", "models_dirs", "open_index", "read_labels",
-    "scene_index", "search", "similar", "tile_search", "verify_index", "write_heatmap", "write_hits",
-    "write_text_atomic",
+    "ANY_CHANGE", "AUTO_TILE_SIZE", "CHANGE_DIRECTIONS", "CHANGE_PROPERTIES", "DEFAULT_MODEL", "FEEDBACK_METHODS",
+    "FILE_NODATA", "HEATMAP_FORMATS", "HIT_FORMATS", "HIT_PROPERTIES", "Bundle", "BundleInfo", "CancelCallback",
+    "Cancelled", "ChangeHit", "ChangeResult", "Classification", "Hit", "IndexEngine", "IndexHeader", "Judgement",
+    "Labels", "LocalEngine", "Model", "ProgressCallback", "RayEngine", "RsmclipError", "Scene", "SearchParams",
+    "SearchResult", "TileIndex", "TilingParams", "build_ann", "build_index", "change", "check_outputs", "classify",
+    "heatmap_path", "hits_to_geojson", "list_models", "load_bundle", "load_model", "models_dirs", "open_index",
+    "read_labels", "scene_file_name", "scene_index", "search", "similar", "tile_search", "tiles_at", "verify_index",
+    "write_changes", "write_heatmap", "write_hits", "write_text_atomic",
 ]
 
 
@@ -58,6 +60,17 @@ class SearchResult:
     index: TileIndex | IndexHeader
     queries: list[str]  # the query labels, one per row of `scores`
     scores: np.ndarray | None  # float32 [Q, N]: every tile's score per query (None after an ANN search)
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    """What changed between two dates: the ranked changes (best first per query) and the matched tiles."""
+
+    changes: list[ChangeHit]
+    before: TileIndex
+    after: TileIndex
+    queries: list[str]  # the query labels (ANY_CHANGE for a ranking by embedding distance)
+    matched: int  # tile pairs matched by footprint
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -194,7 +207,7 @@ def tile_search(
     The hits name the scene by the path given (a Scene by its resolved path)."""
     queries = clean_queries(queries)
     params.check()
-    shown = str(scene.path) if isinstance(scene, Scene) else os.fspath(scene)
+    shown = str(scene.path) if isinstance(scene, Scene) else os.fspath(clean_location(scene))
     model = resolve_model(model, threads)
     index = scene_index(scene, model=model, tiling=tiling, bands=bands, nodata=nodata, cache_dir=cache_dir,
                         use_cache=use_cache, batch_size=batch_size, progress=progress, cancel=cancel, threads=threads)
@@ -221,6 +234,28 @@ def similar(
     return SearchResult(hits, index, [label], scores)
 
 
+def change(
+    before: str | os.PathLike | IndexHeader | TileIndex,
+    after: str | os.PathLike | IndexHeader | TileIndex,
+    queries: str | Sequence[str] | None = None,
+    *,
+    model=None,
+    params: SearchParams = SearchParams(),
+    direction: str = "appeared",
+    threads: int | None = None,
+) -> ChangeResult:
+    """Change between the dates of two indexes of the same model: tiles matched by footprint (a shared grid,
+    else the largest overlap), ranked per query by the rise of its score (`direction="appeared"`) or its fall
+    (`"disappeared"`), or without queries by embedding distance. `params.threshold` applies to the rise,
+    `aoi` to the after tiles. RsmclipError (param `after`) for indexes of different models or no matching tiles."""
+    queries = None if queries is None else clean_queries(queries)
+    before, after = (index if isinstance(index, TileIndex) else TileIndex.open(
+        index.path if isinstance(index, IndexHeader) else index) for index in (before, after))
+    changes, pairs = change_search(before, after, queries, model=model, params=params, direction=direction,
+                                   threads=threads)
+    return ChangeResult(changes, before, after, queries or [ANY_CHANGE], len(pairs))
+
+
 def tiles_at(index: TileIndex, lon: float, lat: float) -> list[str]:
     """Ids of the tiles of `index` under a point (EPSG:4326): the smallest scale first, then the nearest
     centre (a click on the map, a point of a layer)."""
@@ -230,14 +265,15 @@ def tiles_at(index: TileIndex, lon: float, lat: float) -> list[str]:
 # ----------------------------------------------------------------------------------------- outputs
 
 def check_outputs(*, hits: str | os.PathLike | None = None, heatmap: str | os.PathLike | None = None,
-                  text: str | os.PathLike | None = None, index: IndexHeader | TileIndex | None = None,
-                  scene: str | None = None, inputs: Sequence[str | os.PathLike] = ()) -> None:
-    """Before any work: RsmclipError (param `output` or `heatmap`) when a hits file, heatmap or text
-    output cannot be written, or would replace or land inside one of `inputs`; with `index`, also that
-    the heatmap's scene is known (`scene` picks one of a multi-scene index)."""
+                  text: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
+                  index: IndexHeader | TileIndex | None = None, scene: str | None = None,
+                  inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Before any work: RsmclipError (param `output`, `heatmap` or `labels_file`) when a hits file, heatmap,
+    text output or labels file cannot be written, or would replace or land inside one of `inputs`; with
+    `index`, also that the heatmap's scene is known (`scene` picks one of a multi-scene index)."""
     resolved = [Path(path).resolve() for path in inputs]
     for param, value, formats in (("output", hits, HIT_FORMATS), ("heatmap", heatmap, HEATMAP_FORMATS),
-                                  ("output", text, None)):
+                                  ("output", text, None), ("labels_file", labels, LABELS_FORMATS)):
         if not value:
             continue
         check_writable(Path(value), formats, param=param)

@@ -61,10 +61,13 @@ def cache_directory(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def cache_key(scene: Scene, bundle_fingerprint: str, tiling: TilingParams) -> str:
-    """Cache key of a scene's index: scene fingerprint + mtime + bundle fingerprint + tiling params."""
+    """Cache key of a scene's index: scene fingerprint + mtime (a remote scene: its clean location + ETag
+    and size) + bundle fingerprint + tiling params."""
+    version = {"location": scene.path, "revision": scene.revision} if scene.source else {
+        "mtime_ns": scene.path.stat().st_mtime_ns}
     parts = {
         "scene": scene.fingerprint,
-        "mtime_ns": scene.path.stat().st_mtime_ns,
+        **version,
         "bands": list(scene.rgb_bands),
         "nodata": scene.nodata,
         "bundle": bundle_fingerprint,
@@ -176,7 +179,7 @@ def cached_scene_index(
         try:
             index = TileIndex.open(path)
             index.check_model(model)
-            log.info("%s: using the cached tile index %s", scene.path.name, path)
+            log.info("%s: using the cached tile index %s", scene.name, path)
             warn_ground_resolution(scene, params, model.bundle.info)
             if progress:
                 progress(len(index), len(index))

@@ -1,4 +1,5 @@
-"""Hits → GeoJSON (RFC 7946), GeoPackage or GeoParquet; scores → heatmap GeoTIFF in the scene CRS."""
+"""Hits and changes between dates → GeoJSON (RFC 7946), GeoPackage or GeoParquet; scores → heatmap GeoTIFF in
+the scene CRS."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import rasterio
 import shapely
 from rasterio.transform import Affine
 
+from rsmclip_geo.change import CHANGE_PROPERTIES, ChangeHit
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.files import check_writable, publish, temp_file
 from rsmclip_geo.hits import HIT_PROPERTIES, Hit, hits_to_geojson
@@ -31,21 +33,35 @@ HEATMAP_PIXELS_PER_STRIDE = 4
 def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
     """Write hits as .geojson/.json, .gpkg or .parquet (by suffix), atomically; refused when a score is
     not a finite number (GeoJSON has no NaN)."""
+    return write_features(hits, HIT_PROPERTIES, path, layer="hits", ranked_by="score")
+
+
+def write_changes(changes: Sequence[ChangeHit], path: str | os.PathLike) -> Path:
+    """Write ranked changes between dates (CHANGE_PROPERTIES, the after tiles' footprints) like write_hits."""
+    return write_features(changes, CHANGE_PROPERTIES, path, layer="changes", ranked_by="rise")
+
+
+def write_features(features: Sequence, properties: dict[str, str], path: str | os.PathLike, *, layer: str,
+                   ranked_by: str) -> Path:
+    """Write features (each with `properties()` and a lon/lat `geometry`) as .geojson/.json, .gpkg (layer
+    `layer`) or .parquet (by suffix, any case) through a temporary file renamed into place; `properties`
+    names the flat columns in order with their Arrow types. Refused when the `ranked_by` value of a
+    feature is not a finite number (GeoJSON has no NaN)."""
     path = Path(path)
     check_writable(path, HIT_FORMATS)
-    if not np.isfinite([hit.score for hit in hits]).all():
-        raise RsmclipError(f"output={path}: a hit score is not a finite number (a damaged index or model); "
+    if not np.isfinite([getattr(feature, ranked_by) for feature in features]).all():
+        raise RsmclipError(f"output={path}: a {ranked_by} is not a finite number (a damaged index or model); "
                            "nothing written; verify the index", param="output", value=path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        atomic_write_table(_hits_table(hits), path)
+        atomic_write_table(_features_table(features, properties), path)
         return path
     tmp = temp_file(path, suffix=path.suffix)
     try:
         if suffix in (".geojson", ".json"):
-            tmp.write_text(json.dumps(hits_to_geojson(hits), ensure_ascii=False))
+            tmp.write_text(json.dumps(hits_to_geojson(features), ensure_ascii=False))
         else:
-            _write_gpkg(hits, tmp)
+            _write_gpkg(features, properties, tmp, layer)
         publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -53,26 +69,26 @@ def write_hits(hits: Sequence[Hit], path: str | os.PathLike) -> Path:
     return path
 
 
-def _hits_table(hits: Sequence[Hit]) -> pa.Table:
-    """GeoParquet table of hits (WKB geometry in EPSG:4326)."""
-    rows = [hit.properties() for hit in hits]
-    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in HIT_PROPERTIES.items()]
+def _features_table(features: Sequence, properties: dict[str, str]) -> pa.Table:
+    """GeoParquet table of features (WKB geometry in EPSG:4326)."""
+    rows = [feature.properties() for feature in features]
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in properties.items()]
                        + [("geometry", pa.binary())])
     columns = {name: [r[name] for r in rows] for name in schema.names if name != "geometry"}
-    columns["geometry"] = [shapely.to_wkb(h.geometry) for h in hits]
+    columns["geometry"] = [shapely.to_wkb(f.geometry) for f in features]
     table = pa.Table.from_pydict(columns, schema=schema)
-    bbox = [float(v) for v in shapely.total_bounds([h.geometry for h in hits])] if hits else None
+    bbox = [float(v) for v in shapely.total_bounds([f.geometry for f in features])] if features else None
     return table.replace_schema_metadata({b"geo": json.dumps(geo_metadata(bbox)).encode()})
 
 
-def _write_gpkg(hits: Sequence[Hit], path: Path) -> None:
+def _write_gpkg(features: Sequence, properties: dict[str, str], path: Path, layer: str) -> None:
     import geopandas
 
     frame = geopandas.GeoDataFrame(
-        [hit.properties() for hit in hits],
-        columns=list(HIT_PROPERTIES), geometry=[hit.geometry for hit in hits], crs="EPSG:4326")
+        [feature.properties() for feature in features],
+        columns=list(properties), geometry=[feature.geometry for feature in features], crs="EPSG:4326")
     path.unlink(missing_ok=True)
-    frame.to_file(path, driver="GPKG", layer="hits")
+    frame.to_file(path, driver="GPKG", layer=layer)
 
 
 def heatmap_grid(index: TileIndex, fingerprint: str, cell: int | None = None) -> tuple[int, int, int]:
@@ -108,7 +124,7 @@ def write_heatmap(
     record = index.scenes[fingerprint]
     cell, width, height = heatmap_grid(index, fingerprint, cell)
     rows = np.flatnonzero(index.column("scene_fingerprint") == fingerprint)
-    col, row, w, h = (index.column(c)[rows] for c in ("win_col", "win_row", "win_width", "win_height"))
+    col, row, w, h = index.windows(rows).T
     centres_x = np.minimum((np.arange(width) + 0.5) * cell, record["width"] - 0.5)
     centres_y = np.minimum((np.arange(height) + 0.5) * cell, record["height"] - 0.5)
     # Each tile adds its scores (and a count) to the pixels whose centres it covers, [y0:y1, x0:x1]:

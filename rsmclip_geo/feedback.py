@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 #: Format marker of a labels file (a GeoJSON FeatureCollection with this member).
 LABELS_FORMAT = "rsmclip_geo_labels"
 LABELS_VERSION = 1
+#: File name extensions of a labels file.
+LABELS_FORMATS = (".geojson", ".json")
 POSITIVE, NEGATIVE = "positive", "negative"
 #: Methods of `refine`, and the one searches use unless told (benchmarks/relevance_feedback.py).
-FEEDBACK_METHODS = ("rocchio", "linear")
+FEEDBACK_METHODS = ("linear", "rocchio")
 DEFAULT_FEEDBACK_METHOD = "linear"
 #: Rocchio weights of the query, the mean of the tiles marked right, and of those marked wrong.
 ROCCHIO_WEIGHTS = (1.0, 1.0, 0.5)
@@ -139,21 +141,24 @@ class Labels:
                              param="labels_file", value=path) from None
         return labels
 
-    @classmethod
-    def from_ids(cls, index, positive: Iterable[str] = (), negative: Iterable[str] = ()) -> Labels:
-        """Labels marking tiles of `index` by id; QueryError for a tile in both lists, TileIndexError for an
-        id the index lacks."""
+    def mark_ids(self, index, positive: Iterable[str] = (), negative: Iterable[str] = ()) -> Labels:
+        """Mark tiles of `index` by id, right and wrong (later judgements of a tile replace earlier ones);
+        QueryError for a tile in both lists, TileIndexError for an id the index lacks. Returns self."""
         positive, negative = list(dict.fromkeys(positive)), list(dict.fromkeys(negative))
         both = sorted(set(positive) & set(negative))
         if both:
             raise QueryError(f"negative={both[0]}: also marked positive; mark each tile once", param="negative",
                              value=both[0])
-        labels = cls()
         for tile_id in positive:
-            labels.mark(index, tile_id, positive=True)
+            self.mark(index, tile_id, positive=True)
         for tile_id in negative:
-            labels.mark(index, tile_id, positive=False)
-        return labels
+            self.mark(index, tile_id, positive=False)
+        return self
+
+    @classmethod
+    def from_ids(cls, index, positive: Iterable[str] = (), negative: Iterable[str] = ()) -> Labels:
+        """New labels marking tiles of `index` by id (see mark_ids)."""
+        return cls().mark_ids(index, positive, negative)
 
 
 def _row_by_footprint(index, fingerprints: np.ndarray, judgement: Judgement) -> int | None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import shapely
 
+from rsmclip_geo.tile_index import WINDOW_COLUMNS
+
 #: Flat properties of a hit in every output (GeoJSON, GeoPackage, GeoParquet, the QGIS layer), in order,
 #: with their Arrow type.
 HIT_PROPERTIES = {
@@ -14,8 +16,7 @@ HIT_PROPERTIES = {
     "win_col": "int32", "win_row": "int32", "win_width": "int32", "win_height": "int32",
 }
 #: Tile columns a hit is built from.
-HIT_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "scale", "win_col", "win_row", "win_width", "win_height",
-               "geometry"]
+HIT_COLUMNS = ["tile_id", "scene", "scene_fingerprint", "scale", *WINDOW_COLUMNS, "geometry"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ def hits_from_table(table, scores: Sequence[float], query: str) -> list[Hit]:
     ]
 
 
-def hits_to_geojson(hits: Sequence[Hit]) -> dict:
-    """A GeoJSON FeatureCollection (EPSG:4326, lon/lat, flat properties) of ranked hits."""
+def hits_to_geojson(hits: Sequence) -> dict:
+    """A GeoJSON FeatureCollection (EPSG:4326, lon/lat, flat properties) of ranked hits, or of anything with
+    `properties()` and a lon/lat `geometry` (the changes of rsmclip_geo.change)."""
     return {
         "type": "FeatureCollection",
         "features": [

@@ -26,6 +26,7 @@ from rsmclip_geo.files import check_writable, write_errors
 from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import CancelCallback, ProgressCallback, default_threads, embed_scene
 from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
+from rsmclip_geo.remote import clean_location
 from rsmclip_geo.tile_index import (
     FORMAT_VERSION, atomic_write_table, batch_table, index_is_file, index_schema,
     is_index_part, read_parquet, with_metadata, write_shard_directory,
@@ -44,7 +45,8 @@ RESUME_ADVICE = "free disk space or make the folder writable, then rerun to resu
 
 def scene_record(scene: Scene, path: str) -> dict:
     """The per-scene metadata entry from which exact scene-CRS footprints can be rebuilt; `path` is the
-    scene's path as the caller gave it (relative stays relative), shown in hits and outputs."""
+    scene's path as the caller gave it (relative stays relative; a remote location without credentials),
+    shown in hits and outputs."""
     return {
         "path": path,
         "crs": scene.crs_wkt,
@@ -229,7 +231,8 @@ def plan_index(
     given: dict[str, tuple[Scene, str]] = {}  # fingerprint -> (scene, its path as given; a Scene's resolved path)
     for item in scenes:
         scene = item if isinstance(item, Scene) else open_scene(item, bands=bands, nodata=nodata)
-        given[scene.fingerprint] = (scene, str(scene.path) if isinstance(item, Scene) else os.fspath(item))
+        given[scene.fingerprint] = (scene, str(scene.path) if isinstance(item, Scene) else
+                                    os.fspath(clean_location(item)))
     opened = [scene for scene, _ in given.values()]
     model = resolve_model(model, threads)
     info = model.bundle.info

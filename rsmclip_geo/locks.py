@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.files import write_errors
+from rsmclip_geo.remote import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class LockOwner:
     @classmethod
     def this_process(cls) -> LockOwner:
         return cls(os.getpid(), socket.gethostname(), datetime.now().astimezone().isoformat(timespec="seconds"),
-                   " ".join(sys.argv)[:300])
+                   clean_text(" ".join(sys.argv))[:300])  # a signed URL's credentials left out
 
     @classmethod
     def parse(cls, text: str) -> LockOwner | None:

@@ -166,7 +166,7 @@ def embed_scene(
     try:
         while finished_workers < n_workers:
             if cancel is not None and cancel():
-                raise Cancelled(f"{scene.path.name}: indexing cancelled; rerun to resume")
+                raise Cancelled(f"{scene.name}: indexing cancelled; rerun to resume")
             item = results.get()
             if item is None:
                 finished_workers += 1
@@ -184,4 +184,4 @@ def embed_scene(
         for t in workers:
             t.join()
     log.info("%s: %d tiles embedded, %d skipped (nodata, masked or constant)",
-             scene.path.name, kept, total - kept)
+             scene.name, kept, total - kept)

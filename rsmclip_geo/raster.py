@@ -11,7 +11,8 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from rsmclip_geo.errors import RasterError, first_line
+from rsmclip_geo.remote import (
+    clean_location, clean_text, forget_cached, gdal_path, is_remote, remote_env, remote_fingerprint, scene_file_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ STRETCH_PERCENTILES = (2.0, 98.0)
 UNTILED_WARN_SIZE = 4096
 #: Resampling of windows read smaller than full resolution (tiles decimated to the model input). GDAL's
 #: cubic filter widens with the downscale factor, as Pillow's bicubic resize does, so tiles match the
-#: resize that models are trained and exported with (tests/test_raster.py checks the agreement).
+#: resize that models are trained and exported with (tests/runtime/test_raster.py checks the agreement).
 DECIMATION = Resampling.cubic
 #: GDAL block cache cap in MB, applied unless GDAL_CACHEMAX is set. GDAL's own default, 5 % of RAM,
 #: lets the decoded blocks of a big scene (or VRT mosaic) grow the process by gigabytes; tiles are
@@ -78,7 +82,7 @@ def scene_fingerprint(path: str | os.PathLike) -> str:
 class Scene:
     """A georeferenced raster with its RGB band mapping and 8-bit stretch."""
 
-    path: Path
+    path: Path | str  # a local file (resolved), or a remote scene's location without credentials
     fingerprint: str
     width: int
     height: int
@@ -90,6 +94,17 @@ class Scene:
     dtype: str
     stretch: tuple[tuple[float, float], ...] | None
     nodata_overridden: bool = False  # `nodata` replaces the file's nodata value (None: ignores it)
+    source: str | None = field(default=None, repr=False)  # what GDAL opens for a remote scene (may hold credentials)
+    revision: str | None = None  # a remote scene's ETag (else Last-Modified) and size
+
+    @property
+    def name(self) -> str:
+        """The scene's file name."""
+        return scene_file_name(self.path)
+
+    def gdal_env(self) -> AbstractContextManager[None]:
+        """Context of the GDAL settings its reads need (remote_env for a remote scene)."""
+        return remote_env() if self.source else nullcontext()
 
     @property
     def crs(self) -> CRS:
@@ -142,14 +157,18 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
     """Open a raster, choose its RGB bands and dtype stretch; RasterError on unusable input.
 
     `nodata`: FILE_NODATA (the file's own nodata value), a number that replaces it, or None to ignore it.
-    Alpha bands and mask bands of the file always count.
+    Alpha bands and mask bands of the file always count. `path` may be an https://, s3:// or /vsi…
+    location of a cloud-optimised GeoTIFF (rsmclip_geo.remote), read with range requests.
     """
-    path = Path(path)
+    remote = is_remote(path)
+    source = gdal_path(path) if remote else None  # may hold credentials: never shown
+    path = clean_location(path) if remote else Path(path)
     if not (nodata is None or nodata == FILE_NODATA or isinstance(nodata, (int, float, np.number))):
         raise RasterError(f"nodata={nodata!r}: give a number, None (ignore the file's nodata value) "
                           f"or {FILE_NODATA!r}")
-    src = _open_dataset(path)
-    with src:
+    with ExitStack() as stack:
+        stack.enter_context(remote_env() if remote else nullcontext())
+        src = stack.enter_context(_open_remote(source, path) if remote else _open_dataset(path))
         if src.crs is None or src.transform == Affine.identity():
             raise RasterError(
                 f"{path}: raster has no CRS or geotransform, so tiles cannot be placed on the map; "
@@ -169,9 +188,10 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
             raise RasterError(f"{path}: every pixel is nodata or masked; nothing to index")
         if not overridden and not masks:
             warn_zero_collar(path, sample, valid)
+        fingerprint, revision = remote_fingerprint(source) if remote else (scene_fingerprint(path), None)
         return Scene(
-            path=path.resolve(),
-            fingerprint=scene_fingerprint(path),
+            path=path if remote else path.resolve(),
+            fingerprint=fingerprint,
             width=src.width,
             height=src.height,
             crs_wkt=src.crs.to_wkt(),
@@ -182,6 +202,8 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
             dtype=src.dtypes[rgb[0] - 1],
             stretch=scene_stretch(src, rgb, sample, valid),
             nodata_overridden=overridden,
+            source=source,
+            revision=revision,
         )
 
 
@@ -221,14 +243,34 @@ def _open_dataset(path: Path) -> rasterio.DatasetReader:
         raise RasterError(f"{path}: is a directory; give raster files (e.g. {path / '*.tif'})")
     if not path.is_file():
         raise RasterError(f"{path}: no such file")
+    return _open_raster(path, path, "it is not a raster or it is truncated or corrupt; give a GeoTIFF")
+
+
+def _open_remote(source: str, shown: str) -> rasterio.DatasetReader:
+    """A remote raster opened for reading (inside remote_env), as it is now; RasterError naming its clean
+    location."""
+    forget_cached(source)
+    return _open_raster(source, shown, "check the address, the credentials (AWS_* variables or a signed URL) "
+                                       "and that it is a GeoTIFF")
+
+
+def _open_raster(source: Path | str, shown: Path | str, advice: str) -> rasterio.DatasetReader:
+    """rasterio.open of `source`; RasterError naming `shown` with GDAL's reason and `advice` when it fails."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return rasterio.open(source)
     except RasterioError as exc:
-        raise RasterError(
-            f"{path}: cannot be opened as a raster ({first_line(exc, root_cause=True)}); it is not a raster or it is "
-            "truncated or corrupt; give a GeoTIFF") from None
+        raise RasterError(f"{shown}: cannot be opened as a raster ({clean_text(first_line(exc, root_cause=True))}); "
+                          f"{advice}") from None
+
+
+def unreadable_advice(path: Path | str) -> str:
+    """What to do when pixels of a scene cannot be read: a local file is damaged; a remote one may be too,
+    or its connection failed."""
+    if is_remote(path):
+        return "the connection failed or the file is truncated; check the network and rerun (an index resumes)"
+    return "the file is truncated or corrupt"
 
 
 def uses_file_masks(src: rasterio.DatasetReader, bands: Sequence[int], nodata_overridden: bool) -> bool:
@@ -250,7 +292,7 @@ def value_validity(data: np.ndarray, nodata: float | None) -> np.ndarray:
     return valid
 
 
-def warn_zero_collar(path: Path, sample: np.ndarray, valid: np.ndarray) -> None:
+def warn_zero_collar(path: Path | str, sample: np.ndarray, valid: np.ndarray) -> None:
     """Warn when the edge of a scene without nodata value or mask is zero-filled, e.g. a reprojection's collar."""
     zero = valid & (sample == 0).all(axis=0)
     edge = np.concatenate([zero[0], zero[-1], zero[1:-1, 0], zero[1:-1, -1]])
@@ -260,7 +302,7 @@ def warn_zero_collar(path: Path, sample: np.ndarray, valid: np.ndarray) -> None:
 
 
 def choose_bands(
-    src: rasterio.DatasetReader, bands: tuple[int, int, int] | None, path: Path
+    src: rasterio.DatasetReader, bands: tuple[int, int, int] | None, path: Path | str
 ) -> tuple[tuple[int, int, int], int | None]:
     """The 1-based (R, G, B) bands and the alpha band of a dataset, by colour interpretation."""
     interp = list(src.colorinterp)
@@ -286,7 +328,7 @@ def choose_bands(
 
 
 def _decimated_sample(
-    src: rasterio.DatasetReader, rgb: tuple[int, int, int], path: Path, nodata: float | None, masks: bool
+    src: rasterio.DatasetReader, rgb: tuple[int, int, int], path: Path | str, nodata: float | None, masks: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """RGB bands and validity of the whole scene at most SAMPLE_SIZE on a side (nearest neighbour, uses
     overviews); `masks`: whether the file's masks count (uses_file_masks)."""
@@ -300,7 +342,8 @@ def _decimated_sample(
             valid = (src.read_masks(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest) > 0
                      ).any(axis=0)
     except RasterioError as exc:
-        raise RasterError(f"{path}: pixels cannot be read ({first_line(exc, root_cause=True)}); the file is truncated or corrupt") from None
+        raise RasterError(f"{path}: pixels cannot be read ({clean_text(first_line(exc, root_cause=True))}); "
+                          f"{unreadable_advice(path)}") from None
     data = data[[unique.index(b) for b in rgb]]
     return data, valid & value_validity(data, nodata)
 
@@ -380,10 +423,14 @@ class SceneReader:
         self.scene = scene
         self._unique = sorted(set(scene.rgb_bands))
         self._order = [self._unique.index(b) for b in scene.rgb_bands]
+        self._env = ExitStack()
+        self._env.enter_context(scene.gdal_env())
         try:
-            self._src = rasterio.open(scene.path)
+            self._src = rasterio.open(scene.source or scene.path)
         except RasterioError as exc:
-            raise RasterError(f"{scene.path}: cannot be opened ({first_line(exc, root_cause=True)})") from None
+            self._env.close()
+            raise RasterError(f"{scene.path}: cannot be opened ({clean_text(first_line(exc, root_cause=True))})"
+                              ) from None
         self._masks = uses_file_masks(self._src, self._unique, scene.nodata_overridden)
         self._floating = any(np.issubdtype(np.dtype(self._src.dtypes[b - 1]), np.floating) for b in self._unique)
         self._override = scene.nodata_overridden and scene.nodata is not None
@@ -432,7 +479,7 @@ class SceneReader:
         except RasterioError as exc:
             raise RasterError(
                 f"{self.scene.path}: pixels of window col={col} row={row} cannot be read "
-                f"({first_line(exc, root_cause=True)}); the file is truncated or corrupt") from None
+                f"({clean_text(first_line(exc, root_cause=True))}); {unreadable_advice(self.scene.path)}") from None
         rgb = to_uint8(data[self._order], self.scene.stretch)
         rgb[:, ~valid] = 0
         return np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid
@@ -485,6 +532,7 @@ class SceneReader:
 
     def close(self) -> None:
         self._src.close()
+        self._env.close()
 
     def __enter__(self) -> SceneReader:
         return self

@@ -162,7 +162,7 @@ def rank_hits(
         candidates &= scores >= threshold
     order = np.flatnonzero(candidates)
     order = order[np.argsort(-scores[order], kind="stable")]
-    windows = np.column_stack([index.column(c) for c in ("win_col", "win_row", "win_width", "win_height")])
+    windows = index.windows()
     kept = order[nms_select(windows[order], index.column("scene_fingerprint")[order], top_k, nms_overlap)]
     table = index.table.select(HIT_COLUMNS).take(pa.array(kept, pa.int64()))
     return hits_from_table(table, scores[kept], query)

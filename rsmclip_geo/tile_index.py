@@ -34,6 +34,8 @@ from rsmclip_geo.tiling import TilingParams
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"rsmclip_geo"
+#: The columns of a tile's window in its scene (full-resolution pixels).
+WINDOW_COLUMNS = ("win_col", "win_row", "win_width", "win_height")
 #: Rows per file of an index written as a directory of GeoParquet parts.
 SHARD_TILES = 2048
 #: How far stored embedding norms and cosine scores may stray above 1 (float16 rounding); more means damage.
@@ -394,10 +396,15 @@ class TileIndex(IndexMetadata):
             raise TileIndexError(f"{self.path}: no tile with id {tile_id!r}; ids are listed in the index's tile_id column")
         return int(matches[0])
 
+    def windows(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """int64 [n, 4] windows (col, row, width, height) of some rows, or all."""
+        windows = np.column_stack([self.column(c) for c in WINDOW_COLUMNS]).astype(np.int64)
+        return windows if rows is None else windows[np.asarray(rows, dtype=np.int64)]
+
     def scene_footprint(self, row: int) -> list[tuple[float, float]]:
         """Exact footprint ring of a tile in its scene's CRS, rebuilt from the scene table."""
         record = self.scenes[self.table.column("scene_fingerprint")[row].as_py()]
-        col, r, w, h = (self.table.column(c)[row].as_py() for c in ("win_col", "win_row", "win_width", "win_height"))
+        col, r, w, h = (int(v) for v in self.windows([row])[0])
         return window_ring(Affine(*record["transform"][:6]), col, r, w, h)
 
 

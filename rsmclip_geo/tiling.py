@@ -130,13 +130,13 @@ class TilingParams:
                 raise RsmclipError("tile_size_m=auto: the model's ground resolution is not filled in; "
                                    "resolve the parameters with TilingParams.for_model first")
             if largest < MIN_TILE_PX:
-                raise RsmclipError(f"{scene.path.name}: {scene.width}×{scene.height} px is smaller than the "
+                raise RsmclipError(f"{scene.name}: {scene.width}×{scene.height} px is smaller than the "
                                    f"smallest tile ({MIN_TILE_PX} px)")
             return fitting_tile_pixels(resolution, self.input_gsd_m, self.input_px, largest)
         pixels = self.tile_size_m / resolution if resolution > 0 else math.inf
         if not MIN_TILE_PX - 0.5 <= pixels < largest + 0.5:
             raise RsmclipError(
-                f"tile_size_m={self.tile_size_m:g} is {pixels:.3g} px on {scene.path.name} ({resolution:.3g} m "
+                f"tile_size_m={self.tile_size_m:g} is {pixels:.3g} px on {scene.name} ({resolution:.3g} m "
                 f"per pixel, {scene.width}×{scene.height} px); give {_metres(MIN_TILE_PX * resolution)} to "
                 f"{_metres(largest * resolution)} m ({MIN_TILE_PX} to {largest} px)",
                 param="tile_size_m", value=self.tile_size_m)
@@ -215,7 +215,7 @@ def ground_resolution_warning(scene: Scene, params: TilingParams, info: Any) -> 
         advice = (f"the scene is too {'small' if small else 'coarse'} for it: even its "
                   f"{'largest' if small else 'smallest'} tile ({fit_option}, {fit} px) gives {fit_gsd:.3g} m")
     finer = nearest < input_gsd_m[0]
-    return (f"{scene.path.name}: {resolution:.3g} m per pixel; its {tiles} per model input pixel, "
+    return (f"{scene.name}: {resolution:.3g} m per pixel; its {tiles} per model input pixel, "
             f"{_mismatch(nearest, input_gsd_m):.3g}× {'finer' if finer else 'coarser'} than {info.name} was trained "
             f"at ({input_gsd_m[0]:.3g}–{input_gsd_m[1]:.3g} m); results may be wrong: {advice}")
 
@@ -252,10 +252,10 @@ def tile_windows(scene: Scene, params: TilingParams) -> list[TileWindow]:
         if size > scene.width or size > scene.height:
             if scale == params.scales[0]:
                 raise RsmclipError(
-                    f"{scene.path.name}: tile of {size} px is larger than the scene "
+                    f"{scene.name}: tile of {size} px is larger than the scene "
                     f"({scene.width}×{scene.height} px); choose a smaller tile size (tile_size or tile_size_m)")
             log.warning("%s: scale %d tiles (%d px) do not fit in the scene (%d×%d px); skipped",
-                        scene.path.name, scale, size, scene.width, scene.height)
+                        scene.name, scale, size, scene.width, scene.height)
             continue
         stride = max(1, round(size * (1.0 - params.overlap)))
         for row in axis_starts(scene.height, size, stride):

@@ -2,7 +2,8 @@
 # Install everything from this repository's files:
 #   .venv          the runtime, the training/export extra (torch, open_clip) and the test tools (locks/venv.txt)
 #   .venv-runtime  the runtime and the test tools without torch, for tests/runtime (locks/venv.txt)
-#   QGIS           Debian's python3-qgis and qgis (qgis_process) (apt-get, when either is missing)
+#   QGIS, nginx    Debian's python3-qgis, qgis (qgis_process) and nginx-light (the remote-scene tests' HTTP server)
+#                  (apt-get, when one is missing)
 #   .qgis-venv     QGIS's own Python with the runtime's missing packages (locks/qgis-venv.txt), for the plugin suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +19,10 @@ python3 -m venv .venv
 python3 -m venv .venv-runtime
 .venv-runtime/bin/python -m pip install -q -c locks/venv.txt -e ".[dev]"
 
-if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1 || ! command -v qgis_process.bin >/dev/null; then
+if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1 || ! command -v qgis_process.bin >/dev/null \
+        || ! command -v nginx >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q python3-qgis qgis qgis-providers python3-rasterio xvfb xauth >/dev/null
+    apt-get install -y -q python3-qgis qgis qgis-providers python3-rasterio xvfb xauth nginx-light >/dev/null
 fi
 bash tests/qgis/setup_venv.sh .qgis-venv

@@ -1,4 +1,5 @@
-"""The search dock: layer and model pickers, tiling settings, indexing, queries and results."""
+"""The search dock: layer and model pickers, tiling settings, indexing, queries, results and relevance
+feedback (feedback_panel.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import deps
+from .feedback_panel import LABEL_COLUMN, FeedbackControls
 from .settings import PanelSettings
 
 TITLE = "RS-M-CLIP Search"
@@ -51,6 +53,7 @@ class SearchDock(QDockWidget):
         self.indexed_layer: QgsRasterLayer | None = None
         self.current_hits: list = []
         self.result_layer = None
+        self.last_search: tuple | None = None  # (name, find) of the last search without labels
         self._build()
         self._restore(self.settings)
         self.check_dependencies()
@@ -160,8 +163,8 @@ class SearchDock(QDockWidget):
         options.addWidget(self.heatmap)
         search.addLayout(options)
         self.results = QTreeWidget()
-        self.results.setColumnCount(3)
-        self.results.setHeaderLabels(["Rank", "Score", "Tile"])
+        self.results.setColumnCount(LABEL_COLUMN + 1)
+        self.results.setHeaderLabels(["Rank", "Score", "Tile", "Label"])
         self.results.setRootIsDecorated(False)
         self.results.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.results.itemClicked.connect(self.zoom_to_item)
@@ -177,6 +180,9 @@ class SearchDock(QDockWidget):
         for button in (self.zoom_best_button, self.similar_button, self.export_button):
             result_buttons.addWidget(button)
         search.addLayout(result_buttons)
+        self.feedback = FeedbackControls(self)
+        self.feedback.again_button.clicked.connect(self.search_again)
+        search.addWidget(self.feedback)
         main.addWidget(search_box, 1)
         self.setWidget(body)
 
@@ -215,7 +221,7 @@ class SearchDock(QDockWidget):
         """Show the dependency box when something is missing; enable the panel otherwise."""
         missing = deps.missing_dependencies()
         self.deps_box.setVisible(bool(missing))
-        for widget in (self.index_button, self.search_button, self.query):
+        for widget in (self.index_button, self.search_button, self.query, self.feedback):
             widget.setEnabled(not missing)
         if not missing:
             self.refresh_models()
@@ -269,6 +275,7 @@ class SearchDock(QDockWidget):
     def shutdown(self) -> None:
         """Cancel running work and store the settings (plugin unload)."""
         QgsProject.instance().layerWillBeRemoved.disconnect(self._layer_removed)
+        self.feedback.shutdown()
         for task in (self.index_task, self.search_task):
             if task is not None:
                 task.cancel()
@@ -380,6 +387,7 @@ class SearchDock(QDockWidget):
             self.report_error(task)
             return
         self.model, self.index = task.result
+        self.feedback.use_layer(self.indexed_layer.id())
         self.progress.setValue(100)
         self.status.setText(f"{name}: {len(self.index)} tiles indexed ({self.index.path.name})")
 
@@ -399,10 +407,10 @@ class SearchDock(QDockWidget):
             self.message("Type a query, e.g. 'aeroporto' or 'storage tanks'", Qgis.MessageLevel.Warning)
             return
 
-        def find(index, model, s: PanelSettings):
+        def find(index, model, s: PanelSettings, params):
             from rsmclip_geo.api import heatmap_path, search, write_heatmap
 
-            result = search(index, query, model=model, params=search_params(s), scores=s.heatmap)
+            result = search(index, query, model=model, params=params, scores=s.heatmap)
             return result.hits, (write_heatmap(result, heatmap_path(index, [query])) if s.heatmap else None)
 
         self._search(query, find)
@@ -415,16 +423,27 @@ class SearchDock(QDockWidget):
             return
         tile_id = item.data(0, Qt.ItemDataRole.UserRole)
 
-        def find(index, model, s: PanelSettings):
+        def find(index, model, s: PanelSettings, params):
             from rsmclip_geo.api import similar
 
-            return similar(index, tile_id=tile_id, model=model, params=search_params(s)).hits, None
+            return similar(index, tile_id=tile_id, model=model, params=params).hits, None
 
         self._search(f"similar to #{item.text(0)} of {self.result_layer.name()}", find)
 
-    def _search(self, name: str, find) -> None:
-        """Run ``find(index, model, settings) -> (hits, heatmap path | None)`` in a task and show
-        its hits as the layer ``name``."""
+    def search_again(self) -> None:
+        """Run the last search again with the labels: the query refined, the judged tiles left out."""
+        if self.last_search is None:
+            self.message("Search first, mark results right or wrong, then Search again", Qgis.MessageLevel.Warning)
+            return
+        if not self.feedback.current():
+            self.message("Mark results right (+) or wrong (−) first, then Search again", Qgis.MessageLevel.Warning)
+            return
+        name, find = self.last_search
+        self._search(f"{name} (refined)", find, self.feedback.snapshot())
+
+    def _search(self, name: str, find, labels=None) -> None:
+        """Run ``find(index, model, settings, params) -> (hits, heatmap path | None)`` in a task and show
+        its hits as the layer ``name``; with ``labels``, the search params carry them."""
         if self.index is None:
             self.message("Index a raster layer first (Index layer)", Qgis.MessageLevel.Warning)
             return
@@ -432,19 +451,22 @@ class SearchDock(QDockWidget):
             return
         settings = self.current_settings()
         self.save_settings()
+        if labels is None:
+            self.last_search = (name, find)
+        params = search_params(settings, labels)
         index, model = self.index, self.model
-        self.search_button.setEnabled(False)
-        self.similar_button.setEnabled(False)
+        for button in (self.search_button, self.similar_button, self.feedback.again_button):
+            button.setEnabled(False)
         self.search_task = self._run_task(
             f"Searching '{name}' (RS-M-CLIP)",
-            lambda progress, cancel: find(index, model, settings),
+            lambda progress, cancel: find(index, model, settings, params),
             lambda task: self._search_done(task, name, index),
         )
 
     def _search_done(self, task, name: str, index) -> None:
         self.search_task = None
-        self.search_button.setEnabled(True)
-        self.similar_button.setEnabled(True)
+        for button in (self.search_button, self.similar_button, self.feedback.again_button):
+            button.setEnabled(True)
         if task.cancelled:
             return
         if task.error is not None:
@@ -470,6 +492,7 @@ class SearchDock(QDockWidget):
             item = QTreeWidgetItem([str(hit.rank), f"{hit.score:.3f}", hit.tile_id])
             item.setData(0, Qt.ItemDataRole.UserRole, hit.tile_id)
             self.results.addTopLevelItem(item)
+        self.feedback.show_in_list()
         if not hits:
             self.message(f"No tile reaches the score threshold for '{name}'", Qgis.MessageLevel.Info)
 
@@ -523,7 +546,7 @@ class SearchDock(QDockWidget):
 #: The panel's name for a core parameter (its form label), where it has one.
 FIELD_NAMES = {"tile_size": "Tile size", "tile_size_m": "Tile size (m)", "overlap": "Overlap", "scales": "Scales",
                "threads": "Threads", "model": "Model", "top_k": "Top", "threshold": "Score ≥",
-               "output": "Export file", "cache_dir": "Cache folder"}
+               "output": "Export file", "cache_dir": "Cache folder", "labels_file": "Labels file"}
 
 
 def in_panel_words(error) -> str:
@@ -531,11 +554,13 @@ def in_panel_words(error) -> str:
     return error.worded(FIELD_NAMES.get)
 
 
-def search_params(settings: PanelSettings):
-    """The core's SearchParams from the panel settings; the threshold spin box's minimum means any score."""
+def search_params(settings: PanelSettings, labels=None):
+    """The core's SearchParams from the panel settings and the labels (None: none); the threshold spin box's
+    minimum means any score."""
     from rsmclip_geo.api import SearchParams
 
-    return SearchParams(top_k=settings.top_k, threshold=None if settings.threshold <= -1.0 else settings.threshold)
+    return SearchParams(top_k=settings.top_k, threshold=None if settings.threshold <= -1.0 else settings.threshold,
+                        labels=labels)
 
 
 def raster_path(layer) -> str:

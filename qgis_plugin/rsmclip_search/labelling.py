@@ -3,8 +3,6 @@ layer that draws the judged tiles (green right, red wrong) from the core's label
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
     QgsCoordinateReferenceSystem,
@@ -19,21 +17,24 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.gui import QgsMapTool
-from qgis.PyQt.QtCore import QVariant, Qt
+from qgis.PyQt.QtCore import QVariant, Qt, pyqtSignal
 
 LABELS_LAYER_NAME = "RS-M-CLIP labels"
 #: Outline colour of judged tiles: right, wrong.
 LABEL_COLOURS = {"positive": "#1a9641", "negative": "#d7191c"}
+#: Marks the plugin's labels layer among the project's layers.
+LABELS_PROPERTY = "rsmclip_search/labels"
 _WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 
 
 class LabelTool(QgsMapTool):
-    """Left click marks the tile under the cursor right, right click marks it wrong:
-    ``on_click(lon, lat, positive)`` with the click in EPSG:4326."""
+    """Left click marks the tile under the cursor right, right click marks it wrong: ``clicked(lon, lat,
+    positive)`` with the click in EPSG:4326."""
 
-    def __init__(self, canvas, on_click: Callable[[float, float, bool], None]):
+    clicked = pyqtSignal(float, float, bool)
+
+    def __init__(self, canvas):
         super().__init__(canvas)
-        self.on_click = on_click
         self.setCursor(Qt.CursorShape.CrossCursor)
 
     def canvasReleaseEvent(self, event) -> None:  # noqa: N802 (QGIS API)
@@ -42,7 +43,7 @@ class LabelTool(QgsMapTool):
         point = self.toMapCoordinates(event.pos())
         to_wgs84 = QgsCoordinateTransform(self.canvas().mapSettings().destinationCrs(), _WGS84, QgsProject.instance())
         lonlat = to_wgs84.transform(point)
-        self.on_click(lonlat.x(), lonlat.y(), event.button() == Qt.MouseButton.LeftButton)
+        self.clicked.emit(lonlat.x(), lonlat.y(), event.button() == Qt.MouseButton.LeftButton)
 
 
 def labels_layer(labels) -> QgsVectorLayer:
@@ -67,4 +68,21 @@ def labels_layer(labels) -> QgsVectorLayer:
         symbol = QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": colour, "outline_width": "0.8"})
         categories.append(QgsRendererCategory(label, symbol, label))
     layer.setRenderer(QgsCategorizedSymbolRenderer("label", categories))
+    return layer
+
+
+def show_labels_layer(labels, reference) -> QgsVectorLayer | None:
+    """Replace the labels layer of the project by one of ``labels`` just above ``reference`` (the indexed
+    raster); no layer when nothing is judged. The new layer, or None."""
+    from .layers import add_above
+
+    project = QgsProject.instance()
+    for old in project.mapLayersByName(LABELS_LAYER_NAME):
+        if old.customProperty(LABELS_PROPERTY):
+            project.removeMapLayer(old.id())
+    if not labels:
+        return None
+    layer = labels_layer(labels)
+    layer.setCustomProperty(LABELS_PROPERTY, True)
+    add_above(layer, reference)
     return layer

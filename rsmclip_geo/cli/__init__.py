@@ -18,12 +18,13 @@ from rsmclip_geo.errors import RsmclipError
 
 log = logging.getLogger("rsmclip_geo")
 
-COMMAND_MODULES = ("rsmclip_geo.cli.model_commands", "rsmclip_geo.cli.search_commands")
+COMMAND_MODULES = ("rsmclip_geo.cli.model_commands", "rsmclip_geo.cli.search_commands",
+                   "rsmclip_geo.cli.change_commands")
 NUMBER_LIST_OPTIONS = ("--aoi",)  # options whose value may be a comma-separated list starting with a minus
 NUMBER_LIST = re.compile(r"^-[\d.]+(,\s*-?[\d.]+)+$")
 #: Library parameters whose option is not `--` + the name with dashes (None: a positional argument, named as is).
 OPTION_NAMES = {"output": "-o", "nms_overlap": "--nms", "tile_id": "--tile", "providers": "--provider",
-                "scenes": None, "index": None, "images": None}
+                "scenes": None, "index": None, "images": None, "before": None, "after": None, "direction": None}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,9 +143,37 @@ def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) ->
                        help="drop hits overlapping a better one by more than this fraction of the smaller tile "
                             "(default 0.5; 1 keeps all)")
     if heatmap:
-        group.add_argument("--lang", help="add prompt templates of this language (en pt es fr de nl it zh ko ru)")
+        group.add_argument("--lang", help="also average each query over the model's prompt templates of this "
+                                          "language (bundles that have them, e.g. pt)")
         group.add_argument("--queries-file", help="more queries, one per line (UTF-8)")
         group.add_argument("--heatmap", help="also write a score GeoTIFF aligned with the scene")
+
+
+def add_feedback_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("relevance feedback")
+    group.add_argument("--positive", nargs="+", default=[], metavar="TILE_ID",
+                       help="tiles marked right: the query moves towards them (judged tiles are not ranked again)")
+    group.add_argument("--negative", nargs="+", default=[], metavar="TILE_ID", help="tiles marked wrong")
+    group.add_argument("--labels-file", help="judgements kept between runs, a GeoJSON layer: read when it exists, "
+                                             "updated with --positive, --negative and --undo, written back")
+    group.add_argument("--undo", nargs="+", default=[], metavar="TILE_ID",
+                       help="take back the judgements of these tiles (of --labels-file)")
+    group.add_argument("--feedback-method", default=None,
+                       help="linear (a classifier over the tiles, kept close to the query; default) or rocchio")
+
+
+def feedback_labels(args: argparse.Namespace, index):
+    """This run's judgements (None without feedback options): --labels-file, less --undo, plus --positive and
+    --negative, on the tiles of `index` (in memory)."""
+    from rsmclip_geo.api import Labels
+
+    if not (args.positive or args.negative or args.undo or args.labels_file):
+        return None
+    labels = Labels.read(args.labels_file) if args.labels_file and Path(args.labels_file).exists() else Labels()
+    for tile_id in args.undo:
+        if labels.undo(tile_id) is None:
+            raise QueryError(f"--undo {tile_id}: no judgement of that tile to take back")
+    return labels.mark_ids(index, args.positive, args.negative)
 
 
 def tiling_params(args: argparse.Namespace):
@@ -188,12 +216,14 @@ def read_queries(args: argparse.Namespace) -> list[str]:
     return queries
 
 
-def search_params(args: argparse.Namespace):
-    """The search options as the library's SearchParams."""
+def search_params(args: argparse.Namespace, labels=None):
+    """The search options as the library's SearchParams (with this run's judgements, if any)."""
     from rsmclip_geo.api import SearchParams
 
+    feedback = {"feedback_method": args.feedback_method} if getattr(args, "feedback_method", None) else {}
     return SearchParams(top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
-                        lang=getattr(args, "lang", None), exact=getattr(args, "exact", False))
+                        lang=getattr(args, "lang", None), exact=getattr(args, "exact", False), labels=labels,
+                        **feedback)
 
 
 def check_outputs(args: argparse.Namespace, *inputs: str, index=None) -> None:
@@ -202,7 +232,7 @@ def check_outputs(args: argparse.Namespace, *inputs: str, index=None) -> None:
     from rsmclip_geo.api import check_outputs as check
 
     check(hits=getattr(args, "output", None), heatmap=getattr(args, "heatmap", None), index=index,
-          scene=getattr(args, "heatmap_scene", None), inputs=inputs)
+          scene=getattr(args, "heatmap_scene", None), labels=getattr(args, "labels_file", None), inputs=inputs)
 
 
 def print_hits(hits) -> None:
@@ -268,11 +298,11 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def cmd_tile_search(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import tile_search
+    from rsmclip_geo.api import scene_file_name, tile_search
 
     queries = read_queries(args)
     if args.output is None:
-        args.output = f"{Path(args.scene).stem}_hits.geojson"
+        args.output = f"{Path(scene_file_name(args.scene)).stem}_hits.geojson"
     check_outputs(args, args.scene)
     params = tiling_params(args)
     search = search_params(args)
@@ -293,14 +323,23 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     queries = read_queries(args)
     check_outputs(args, args.index)
-    # A heatmap needs every tile's score: the whole index in memory. Otherwise the search picks exact
-    # or ANN search by size and reads only what it needs.
-    index = open_index(args.index, in_memory=bool(args.heatmap))
-    result = search(index, queries, model=args.model, params=search_params(args), scores=bool(args.heatmap),
-                    threads=args.threads)
+    # A heatmap needs every tile's score and judgements need the tiles: the whole index in memory.
+    # Otherwise the search picks exact or ANN search by size and reads only what it needs.
+    judged = bool(args.positive or args.negative or args.undo or args.labels_file)
+    index = open_index(args.index, in_memory=bool(args.heatmap) or judged)
+    labels = feedback_labels(args, index)
+    result = search(index, queries, model=args.model, params=search_params(args, labels),
+                    scores=bool(args.heatmap), threads=args.threads)
     write_outputs(args, result)
+    save_labels(args, labels)
     report(args, result.hits)
     return 0
+
+
+def save_labels(args: argparse.Namespace, labels) -> None:
+    """Write the judgements back to --labels-file."""
+    if args.labels_file and labels is not None:
+        labels.write(args.labels_file)
 
 
 def cmd_ann_index(args: argparse.Namespace) -> int:
@@ -311,13 +350,16 @@ def cmd_ann_index(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from rsmclip_geo.api import similar, write_hits
+    from rsmclip_geo.api import open_index, similar, write_hits
 
     check_outputs(args, args.index)
-    result = similar(args.index, tile_id=args.tile, image=args.image, bands=bands_option(args), model=args.model,
-                     params=search_params(args), threads=args.threads)
+    index = open_index(args.index, in_memory=True)
+    labels = feedback_labels(args, index)
+    result = similar(index, tile_id=args.tile, image=args.image, bands=bands_option(args), model=args.model,
+                     params=search_params(args, labels), threads=args.threads)
     if args.output:
         write_hits(result.hits, args.output)
+    save_labels(args, labels)
     report(args, result.hits)
     return 0
 
@@ -363,6 +405,7 @@ def register(subparsers) -> None:
     add_search_options(p)
     p.add_argument("--scene", dest="heatmap_scene",
                    help="scene of a multi-scene index for --heatmap (file name, path or fingerprint)")
+    add_feedback_options(p)
     p.set_defaults(func=cmd_search)
 
     p = subparsers.add_parser("ann-index", help="build the ANN index that `search` uses on large tile indexes",
@@ -386,4 +429,5 @@ def register(subparsers) -> None:
     p.add_argument("--bands", help="1-based R,G,B bands of --image, e.g. 3,2,1 (default: by colour interpretation)")
     add_model_options(p)
     add_search_options(p, heatmap=False)
+    add_feedback_options(p)
     p.set_defaults(func=cmd_similar)

@@ -71,7 +71,7 @@ class DesktopIface:
         self.window.menuBar().addMenu(self.raster_menu)
         self.plugin_menus: dict[str, QMenu] = {}
         root = QgsProject.instance().layerTreeRoot()
-        self.bridge = QgsLayerTreeMapCanvasBridge(root, self.canvas)
+        self.bridge = QgsLayerTreeMapCanvasBridge(root, self.canvas, self.canvas)  # dies with its canvas
         self.layer_tree = QgsLayerTreeView()
         self.layer_model = QgsLayerTreeModel(root, self.layer_tree)  # owned by its view
         self.layer_model.setFlag(QgsLayerTreeModel.AllowNodeChangeVisibility)

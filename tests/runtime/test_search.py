@@ -295,7 +295,7 @@ def test_bad_labels(index, tmp_path):
         Labels.read(tmp_path / "bad.geojson")
     with pytest.raises(QueryError, match=r"labels_file=.*missing.geojson: no such file"):
         Labels.read(tmp_path / "missing.geojson")
-    with pytest.raises(QueryError, match="feedback_method=svm: choose one of rocchio, linear"):
+    with pytest.raises(QueryError, match="feedback_method=svm: choose one of linear, rocchio"):
         SearchParams(feedback_method="svm").check()
 
 

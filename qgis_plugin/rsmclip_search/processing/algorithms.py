@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from qgis.core import (
@@ -12,6 +13,7 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
@@ -21,11 +23,24 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
+from .. import deps
 from .base import OUTPUT, Parameters, RsmclipAlgorithm, lonlat_geometries
 
 INPUT, TILE_SIZE, TILE_UNIT, OVERLAP, SCALES, BANDS = "INPUT", "TILE_SIZE", "TILE_UNIT", "OVERLAP", "SCALES", "BANDS"
 TILES, QUERIES, QUERY, SCENE, TILE_IDS, POINTS = "TILES", "QUERIES", "QUERY", "SCENE", "TILE_IDS", "POINTS"
+LABELS, POSITIVE, NEGATIVE, FEEDBACK_METHOD = "LABELS", "POSITIVE", "NEGATIVE", "FEEDBACK_METHOD"
 TILE_UNITS = ("pixels", "metres")
+LABELS_FILTER = "Labels (*.geojson *.json);;All files (*.*)"
+
+
+def tile_id_list(text: str) -> list[str]:
+    """Tile ids from a text of ids separated by commas, spaces or new lines."""
+    return [tile_id for tile_id in re.split(r"[\s,]+", text.strip()) if tile_id]
+
+
+def query_lines(text: str) -> list[str]:
+    """The queries of a text, one per non-blank line."""
+    return [line for line in text.splitlines() if line.strip()]
 
 
 class IndexAlgorithm(RsmclipAlgorithm):
@@ -118,13 +133,19 @@ class TextSearchAlgorithm(RsmclipAlgorithm):
         self.add_hits_output()
 
     def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        return self.search_queries(parameters, context, feedback, self.index_path(parameters, context),
+                                   self.search_params(parameters, context))
+
+    def search_queries(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+                       index, params) -> dict:
+        """The QUERIES searched in ``index`` (a path or a loaded index) with ``params``; the hits to OUTPUT."""
         from rsmclip_geo.api import search
 
-        queries = [line for line in self.parameterAsString(parameters, QUERIES, context).splitlines() if line.strip()]
+        queries = query_lines(self.parameterAsString(parameters, QUERIES, context))
         if not queries:
             raise self.fail(QUERIES, "type what to look for, one query per line, e.g. aeroporto")
-        result = search(self.index_path(parameters, context), queries, model=self.model_spec(parameters, context),
-                        params=self.search_params(parameters, context), threads=self.threads(parameters, context))
+        result = search(index, queries, model=self.model_spec(parameters, context), params=params,
+                        threads=self.threads(parameters, context))
         feedback.pushInfo(f"{len(result.hits)} hits for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}")
         return {OUTPUT: self.write_hits(parameters, context, feedback, result.hits)}
 
@@ -152,8 +173,7 @@ class SimilarAlgorithm(RsmclipAlgorithm):
         from rsmclip_geo.api import open_index, similar
 
         index = open_index(self.index_path(parameters, context), in_memory=True)
-        tile_ids = re.split(r"[\s,]+", self.parameterAsString(parameters, TILE_IDS, context).strip())
-        tile_ids = [tile_id for tile_id in tile_ids if tile_id]
+        tile_ids = tile_id_list(self.parameterAsString(parameters, TILE_IDS, context))
         points = self.parameterAsSource(parameters, POINTS, context)
         if points is not None:
             tile_ids += self.tiles_under(index, points, context)
@@ -171,25 +191,81 @@ class SimilarAlgorithm(RsmclipAlgorithm):
         return {OUTPUT: self.write_hits(parameters, context, feedback, hits)}
 
     def tiles_under(self, index, points, context: QgsProcessingContext) -> list[str]:
-        """The id of the tile under each point: of the tiles containing it, the smallest scale, then the one
-        whose centre is nearest."""
+        """The id of the tile under each point (api.tiles_at: the smallest tile there, then the nearest centre)."""
         import shapely
+        from rsmclip_geo.api import tiles_at
 
-        footprints = index.geometries()
-        tree = shapely.STRtree(footprints)
-        tile_ids, scales = index.column("tile_id"), index.column("scale")
         found = []
         for geometry in lonlat_geometries(points, context):
             for lon, lat in shapely.get_coordinates(geometry):
-                point = shapely.Point(lon, lat)
-                rows = tree.query(point, predicate="intersects")
-                if not len(rows):
+                tile_ids = tiles_at(index, float(lon), float(lat))
+                if not tile_ids:
                     raise self.fail(POINTS, f"the point at lon {lon:.6f}, lat {lat:.6f} lies on no tile of "
                                             f"{index.path}; put the points on indexed tiles")
-                distances = shapely.distance(shapely.centroid(footprints[rows]), point)
-                best = min(range(len(rows)), key=lambda i: (scales[rows[i]], distances[i]))
-                found.append(str(tile_ids[rows[best]]))
+                found.append(tile_ids[0])
         return found
+
+
+def feedback_methods() -> tuple[tuple[str, ...], int]:
+    """The core's query refinement methods and the index of its default; none when the core cannot be
+    imported (the algorithm then refuses to run)."""
+    if deps.missing_dependencies():
+        return (), 0
+    from rsmclip_geo.api import FEEDBACK_METHODS, SearchParams
+
+    return tuple(FEEDBACK_METHODS), FEEDBACK_METHODS.index(SearchParams().feedback_method)
+
+
+class FeedbackSearchAlgorithm(TextSearchAlgorithm):
+    """Text queries refined by tiles marked right or wrong: api.search with api.Labels."""
+
+    NAME = "feedbacksearch"
+    DISPLAY_NAME = "Text search with relevance feedback"
+    HELP = ("Text search (one query per line) refined by tiles marked right (+) or wrong (−): the query moves "
+            "towards the tiles marked right and away from those marked wrong, and the judged tiles are left out "
+            "of the hits. The judgements come from a labels file (saved by the search panel's Save labels…) "
+            "and/or tile ids marked right (POSITIVE) or wrong (NEGATIVE), comma-separated or one per line; an id "
+            "given here overrides the file's label of that tile. Refinement: linear (a classifier over the tile "
+            "embeddings kept close to the query) or rocchio.")
+    WORDS = {"labels_file": LABELS}
+
+    def add_parameters(self) -> None:
+        self.add_index_parameter()
+        self.addParameter(QgsProcessingParameterString(QUERIES, "Queries", multiLine=True))
+        self.addParameter(QgsProcessingParameterFile(LABELS, "Labels file", QgsProcessingParameterFile.File,
+                                                     fileFilter=LABELS_FILTER, optional=True))
+        self.addParameter(QgsProcessingParameterString(POSITIVE, "Tiles marked right (ids)", multiLine=True,
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterString(NEGATIVE, "Tiles marked wrong (ids)", multiLine=True,
+                                                       optional=True))
+        methods, default = feedback_methods()
+        self.addParameter(QgsProcessingParameterEnum(FEEDBACK_METHOD, "Refinement", list(methods),
+                                                     defaultValue=default))
+        self.add_search_parameters()
+        self.add_hits_output()
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import FEEDBACK_METHODS, open_index
+
+        index = open_index(self.index_path(parameters, context), in_memory=True)
+        labels = self.labels(parameters, context, index)
+        method = FEEDBACK_METHODS[self.parameterAsEnum(parameters, FEEDBACK_METHOD, context)]
+        feedback.pushInfo(f"Queries refined by {len(labels)} judged tile(s) ({method})")
+        params = replace(self.search_params(parameters, context), labels=labels, feedback_method=method)
+        return self.search_queries(parameters, context, feedback, index, params)
+
+    def labels(self, parameters: Parameters, context: QgsProcessingContext, index):
+        """The labels of the LABELS file, then the POSITIVE and NEGATIVE tile ids of ``index``."""
+        from rsmclip_geo.api import Labels
+
+        path = self.parameterAsFile(parameters, LABELS, context)
+        labels = (Labels.read(path) if path else Labels()).mark_ids(
+            index, tile_id_list(self.parameterAsString(parameters, POSITIVE, context)),
+            tile_id_list(self.parameterAsString(parameters, NEGATIVE, context)))
+        if not labels:
+            raise self.fail(LABELS, f"give a labels file or tile ids marked right ({POSITIVE}) or wrong "
+                                    f"({NEGATIVE})")
+        return labels
 
 
 class HeatmapAlgorithm(RsmclipAlgorithm):
@@ -224,4 +300,4 @@ class HeatmapAlgorithm(RsmclipAlgorithm):
         return {OUTPUT: output}
 
 
-ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, HeatmapAlgorithm)
+ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm, HeatmapAlgorithm)
