@@ -33,7 +33,7 @@ from rsmclip_geo.pipeline import CancelCallback, Cancelled, ProgressCallback
 from rsmclip_geo.queries import clean_queries
 from rsmclip_geo.ray_engine import RayEngine
 from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
-from rsmclip_geo.remote import clean_location, scene_file_name
+from rsmclip_geo.remote import clean_location, is_remote, scene_file_name
 from rsmclip_geo.search import SearchParams, search_index
 from rsmclip_geo.search import similar as _similar
 from rsmclip_geo.tile_index import IndexHeader, TileIndex
@@ -46,7 +46,7 @@ __all__ = [
     "Cancelled", "ChangeHit", "ChangeResult", "Classification", "Hit", "IndexEngine", "IndexHeader", "Judgement",
     "Labels", "LocalEngine", "Model", "ProgressCallback", "RayEngine", "RsmclipError", "Scene", "SearchParams",
     "SearchResult", "TileIndex", "TilingParams", "build_ann", "build_index", "change", "check_outputs", "classify",
-    "heatmap_path", "hits_to_geojson", "list_models", "load_bundle", "load_model", "models_dirs", "open_index",
+    "heatmap_path", "hits_to_geojson", "is_remote", "list_models", "load_bundle", "load_model", "models_dirs", "open_index",
     "read_labels", "scene_file_name", "scene_index", "search", "similar", "tile_search", "tiles_at", "verify_index",
     "write_changes", "write_heatmap", "write_hits", "write_text_atomic",
 ]

@@ -334,11 +334,13 @@ class SearchDock(QDockWidget):
         layer was indexed with the same model and tiling)."""
         from rsmclip_geo.errors import RsmclipError
 
+        from .layers import raster_source
+
         if self.index_task is not None:
             return
         layer = self.layer_combo.currentLayer()
         try:
-            path = raster_path(layer)
+            path = raster_source(layer)
             settings = self.current_settings()
             tiling = tiling_params(settings)
         except RsmclipError as exc:
@@ -561,21 +563,6 @@ def search_params(settings: PanelSettings, labels=None):
 
     return SearchParams(top_k=settings.top_k, threshold=None if settings.threshold <= -1.0 else settings.threshold,
                         labels=labels)
-
-
-def raster_path(layer) -> str:
-    """The file behind a GDAL raster layer; RsmclipError for other layers."""
-    from qgis.core import QgsProviderRegistry
-    from rsmclip_geo.errors import RsmclipError
-
-    if not isinstance(layer, QgsRasterLayer):
-        raise RsmclipError("Raster layer: choose a raster layer of the project to index")
-    if layer.providerType() != "gdal":
-        raise RsmclipError(f"Raster layer '{layer.name()}' is a {layer.providerType()} layer: index a file-based GDAL raster")
-    path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source()).get("path") or ""
-    if not Path(path).is_file():
-        raise RsmclipError(f"Raster layer '{layer.name()}': its source {path or layer.source()} is not a local file")
-    return path
 
 
 def rendered_bands(layer) -> tuple[int, int, int] | None:

@@ -150,3 +150,23 @@ def zoom_to(canvas, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, mar
     rect.scale(1.0 + margin)
     canvas.setExtent(rect)
     canvas.refresh()
+
+
+def raster_source(layer) -> str:
+    """What the core reads for a GDAL raster layer: its file, or its remote location (a /vsicurl/, /vsis3/…
+    source or a URL); RsmclipError for other layers."""
+    from qgis.core import QgsProviderRegistry
+    from rsmclip_geo.api import is_remote
+    from rsmclip_geo.errors import RsmclipError
+
+    if not isinstance(layer, QgsRasterLayer):
+        raise RsmclipError("Raster layer: choose a raster layer of the project to index")
+    if layer.providerType() != "gdal":
+        raise RsmclipError(f"Raster layer '{layer.name()}' is a {layer.providerType()} layer: index a GDAL raster")
+    path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source()).get("path") or ""
+    if is_remote(path):
+        return path
+    if not Path(path).is_file():
+        raise RsmclipError(f"Raster layer '{layer.name()}': its source {path or layer.source()} is neither a file "
+                           "nor a remote raster")
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from pathlib import Path
 
 from qgis.core import (
     QgsProcessing,
@@ -19,11 +18,10 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterString,
-    QgsProviderRegistry,
-    QgsRasterLayer,
 )
 
 from .. import deps
+from ..layers import raster_source
 from .base import OUTPUT, Parameters, RsmclipAlgorithm, lonlat_geometries
 
 INPUT, TILE_SIZE, TILE_UNIT, OVERLAP, SCALES, BANDS = "INPUT", "TILE_SIZE", "TILE_UNIT", "OVERLAP", "SCALES", "BANDS"
@@ -97,13 +95,13 @@ class IndexAlgorithm(RsmclipAlgorithm):
         return {OUTPUT: output, TILES: len(header)}
 
     def raster_path(self, layer) -> str:
-        """The file behind a GDAL raster layer."""
-        if not isinstance(layer, QgsRasterLayer) or layer.providerType() != "gdal":
-            raise self.fail(INPUT, f"{layer.name()} is not a file-based GDAL raster layer")
-        path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source()).get("path") or ""
-        if not Path(path).is_file():
-            raise self.fail(INPUT, f"the source of {layer.name()}, {path or layer.source()}, is not a local file")
-        return path
+        """The file or remote location behind a GDAL raster layer (layers.raster_source)."""
+        from rsmclip_geo.errors import RsmclipError
+
+        try:
+            return raster_source(layer)
+        except RsmclipError as exc:
+            raise self.fail(INPUT, str(exc)) from None
 
     def bands(self, parameters: Parameters, context: QgsProcessingContext) -> tuple[int, int, int] | None:
         """BANDS as 1-based (R, G, B), None when empty."""
