@@ -175,15 +175,15 @@ def search(
     checked against it). `scores`: score every tile (exact search over the index in memory), for a
     heatmap. Query embeddings are cached under `cache_dir` unless `use_cache` is false."""
     queries = clean_queries(queries)
-    if scores and not isinstance(index, TileIndex):
-        index = TileIndex.open(index.path if isinstance(index, IndexHeader) else index)
+    if not isinstance(index, (TileIndex, IndexHeader)):
+        index = IndexHeader.read(index)
+    if scores and isinstance(index, IndexHeader):
+        index = TileIndex.load(index)
     query_cache = None
     if use_cache:
         query_cache = QueryCache(Path(cache_dir).expanduser() / QUERY_CACHE_FILE if cache_dir else None)
     hits, all_scores = search_index(index, queries, model=model, params=params, threads=threads,
                                     query_cache=query_cache)
-    if not isinstance(index, (TileIndex, IndexHeader)):
-        index = IndexHeader.read(index)
     return SearchResult(hits, index, queries, all_scores)
 
 
