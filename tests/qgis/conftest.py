@@ -45,6 +45,16 @@ def test_bundle() -> Path:
     return REPO / "tests" / "data" / "tiny-bundle"
 
 
+@pytest.fixture(scope="session")
+def demo_bundle() -> Path:
+    """The shipped default bundle rsmclip_geo/models/rsmclip-demo-aid (trained: rankings)."""
+    from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
+
+    found = [path for path in find_bundles() if path.name == DEFAULT_MODEL]
+    assert found, f"the bundled demo model {DEFAULT_MODEL} is missing from rsmclip_geo/models/"
+    return found[0]
+
+
 @pytest.fixture
 def iface(qgis_app, cache_dir):
     """A fresh main window and default plugin settings; the project is emptied afterwards."""

@@ -119,7 +119,8 @@ def test_plugin_registers_and_removes_the_provider(qgis_app):
     provider = registry.providerById("rsmclip")
     assert provider is not None and not provider.icon().isNull()
     assert sorted(a.id() for a in provider.algorithms()) == [
-        "rsmclip:feedbacksearch", "rsmclip:heatmap", "rsmclip:index", "rsmclip:similar", "rsmclip:textsearch"]
+        "rsmclip:change", "rsmclip:feedbacksearch", "rsmclip:heatmap", "rsmclip:index", "rsmclip:similar",
+        "rsmclip:textsearch"]
     assert {a.group() for a in provider.algorithms()} == {"Tile search"}
     plugin.unload()
     assert registry.providerById("rsmclip") is None
@@ -312,24 +313,29 @@ def qgis_process_profile(root: Path) -> Path:
     return root
 
 
-def test_qgis_process_runs_textsearch(processing, two_scene_index, test_bundle, tmp_path):
+def qgis_process(tmp_path: Path, algorithm: str, **parameters) -> subprocess.CompletedProcess:
+    """`qgis_process.bin run ALGORITHM -- NAME=VALUE …` with the plugin enabled in a profile under `tmp_path`."""
     binary = shutil.which("qgis_process.bin") or "/usr/bin/qgis_process.bin"
     if not Path(binary).is_file():
         pytest.fail("qgis_process.bin not found: apt-get install qgis (scripts/setup.sh does)")
+    profile = tmp_path / "qgis"
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen",
-               QGIS_CUSTOM_CONFIG_PATH=str(qgis_process_profile(tmp_path / "qgis")),
+               QGIS_CUSTOM_CONFIG_PATH=str(profile if profile.is_dir() else qgis_process_profile(profile)),
                PYTHONPATH=os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]]))
-    output = tmp_path / "hits.gpkg"
-    done = subprocess.run([binary, "run", "rsmclip:textsearch", "--", f"INDEX={two_scene_index['OUTPUT']}",
-                           "QUERIES=aeroporto", "TOP_K=4", f"MODEL={test_bundle}", f"OUTPUT={output}"],
+    return subprocess.run([binary, "run", algorithm, "--", *(f"{name}={value}" for name, value in parameters.items())],
                           capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_qgis_process_runs_textsearch(processing, two_scene_index, test_bundle, tmp_path):
+    output = tmp_path / "hits.gpkg"
+    done = qgis_process(tmp_path, "rsmclip:textsearch", INDEX=two_scene_index["OUTPUT"], QUERIES="aeroporto", TOP_K=4,
+                        MODEL=test_bundle, OUTPUT=output)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     layer, features = hit_features(output)
     assert layer.crs().authid() == "EPSG:4326"
     assert [f["rank"] for f in features] == [1, 2, 3, 4]
     assert {f["query"] for f in features} == {"aeroporto"}
-    bad = subprocess.run([binary, "run", "rsmclip:textsearch", "--", f"INDEX={two_scene_index['OUTPUT']}",
-                          "QUERIES=aeroporto", "TOP_K=0", f"MODEL={test_bundle}", f"OUTPUT={tmp_path / 'bad.gpkg'}"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    bad = qgis_process(tmp_path, "rsmclip:textsearch", INDEX=two_scene_index["OUTPUT"], QUERIES="aeroporto", TOP_K=0,
+                       MODEL=test_bundle, OUTPUT=tmp_path / "bad.gpkg")
     assert bad.returncode == 1
     assert "ERROR:\tHits per query (TOP_K) 0: give a positive number of hits\n" in bad.stderr, bad.stderr[-2000:]

@@ -50,15 +50,6 @@ def mosaic(shared_data, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def demo_bundle() -> Path:
-    from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
-
-    found = [path for path in find_bundles() if path.name == DEFAULT_MODEL]
-    assert found, f"the bundled demo model {DEFAULT_MODEL} is missing from rsmclip_geo/models/"
-    return found[0]
-
-
 def tile_centre(col: int, row: int) -> QgsPointXY:
     x0, y0 = ORIGIN
     return QgsPointXY(x0 + (col + 0.5) * TILE * PIXEL_M, y0 - (row + 0.5) * TILE * PIXEL_M)

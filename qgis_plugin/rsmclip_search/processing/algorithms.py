@@ -22,11 +22,12 @@ from qgis.core import (
 
 from .. import deps
 from ..layers import raster_source
-from .base import OUTPUT, Parameters, RsmclipAlgorithm, lonlat_geometries
+from .base import INDEX_FILTER, OUTPUT, Parameters, RsmclipAlgorithm, lonlat_geometries
 
 INPUT, TILE_SIZE, TILE_UNIT, OVERLAP, SCALES, BANDS = "INPUT", "TILE_SIZE", "TILE_UNIT", "OVERLAP", "SCALES", "BANDS"
 TILES, QUERIES, QUERY, SCENE, TILE_IDS, POINTS = "TILES", "QUERIES", "QUERY", "SCENE", "TILE_IDS", "POINTS"
 LABELS, POSITIVE, NEGATIVE, FEEDBACK_METHOD = "LABELS", "POSITIVE", "NEGATIVE", "FEEDBACK_METHOD"
+BEFORE, AFTER, DIRECTION = "BEFORE", "AFTER", "DIRECTION"
 TILE_UNITS = ("pixels", "metres")
 LABELS_FILTER = "Labels (*.geojson *.json);;All files (*.*)"
 
@@ -298,4 +299,56 @@ class HeatmapAlgorithm(RsmclipAlgorithm):
         return {OUTPUT: output}
 
 
-ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm, HeatmapAlgorithm)
+def change_directions() -> tuple[str, ...]:
+    """The core's change directions, its default ("appeared") first; none when the core cannot be imported (the
+    algorithm then refuses to run)."""
+    if deps.missing_dependencies():
+        return ()
+    from rsmclip_geo.api import CHANGE_DIRECTIONS
+
+    return tuple(CHANGE_DIRECTIONS)
+
+
+class ChangeAlgorithm(RsmclipAlgorithm):
+    """What appeared or disappeared between the dates of two tile indexes of the same model: api.change."""
+
+    NAME = "change"
+    DISPLAY_NAME = "Change between dates"
+    HELP = ("Matches the tiles of two tile indexes of the same model by footprint (the same grid, else the largest "
+            "overlap of at least half their union) and ranks the pairs by the rise of each query's score from the "
+            "before date to the after date (direction appeared) or by its fall (disappeared), as "
+            "<code>rsmclip-geo change</code> does. Without a query, the pairs are ranked by how far their embeddings "
+            "moved (what changed most; no direction). The changes are the after tiles' footprints in EPSG:4326 with "
+            "the fields rank, rise, score_before, score_after, query, scene_before, tile_before, scene, tile_id, "
+            "scale, the tile window and iou. Minimum rise applies to the rise (or embedding distance); the area of "
+            "interest to the after tiles.")
+
+    def add_parameters(self) -> None:
+        for name, description in ((BEFORE, "Tile index before"), (AFTER, "Tile index after")):
+            self.addParameter(QgsProcessingParameterFile(name, description, QgsProcessingParameterFile.File,
+                                                         fileFilter=INDEX_FILTER))
+        self.addParameter(QgsProcessingParameterString(QUERIES, "Queries (empty: any change)", multiLine=True,
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterEnum(DIRECTION, "Direction", list(change_directions()),
+                                                     defaultValue=0))
+        self.add_search_parameters(top_k="Changes per query", threshold="Minimum rise")
+        self.add_hits_output("Changes")
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import CHANGE_DIRECTIONS, CHANGE_PROPERTIES, change
+
+        queries = query_lines(self.parameterAsString(parameters, QUERIES, context)) or None
+        direction = CHANGE_DIRECTIONS[self.parameterAsEnum(parameters, DIRECTION, context)]
+        params = self.search_params(parameters, context)
+        feedback.pushInfo(f"Ranking what {direction} for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
+                          if queries else "Ranking the tiles by how far their embeddings moved")
+        result = change(self.parameterAsFile(parameters, BEFORE, context),
+                        self.parameterAsFile(parameters, AFTER, context), queries,
+                        model=self.model_spec(parameters, context), params=params, direction=direction,
+                        threads=self.threads(parameters, context))
+        feedback.pushInfo(f"{len(result.changes)} changes of {result.matched} tile pairs matched by footprint")
+        return {OUTPUT: self.write_hits(parameters, context, feedback, result.changes, CHANGE_PROPERTIES)}
+
+
+ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm, HeatmapAlgorithm,
+              ChangeAlgorithm)

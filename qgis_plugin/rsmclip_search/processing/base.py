@@ -142,11 +142,12 @@ class RsmclipAlgorithm(QgsProcessingAlgorithm):
     def index_path(self, parameters: Parameters, context: QgsProcessingContext) -> str:
         return self.parameterAsFile(parameters, INDEX, context)
 
-    def add_search_parameters(self) -> None:
-        """TOP_K, THRESHOLD and the area of interest (AOI layer or EXTENT)."""
-        self.addParameter(QgsProcessingParameterNumber(TOP_K, "Hits per query", QgsProcessingParameterNumber.Integer,
+    def add_search_parameters(self, top_k: str = "Hits per query", threshold: str = "Minimum score") -> None:
+        """TOP_K, THRESHOLD and the area of interest (AOI layer or EXTENT); `top_k` and `threshold` describe the
+        first two."""
+        self.addParameter(QgsProcessingParameterNumber(TOP_K, top_k, QgsProcessingParameterNumber.Integer,
                                                        defaultValue=10))
-        self.addParameter(QgsProcessingParameterNumber(THRESHOLD, "Minimum score",
+        self.addParameter(QgsProcessingParameterNumber(THRESHOLD, threshold,
                                                        QgsProcessingParameterNumber.Double, optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(AOI, "Area of interest layer",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
@@ -186,17 +187,18 @@ class RsmclipAlgorithm(QgsProcessingAlgorithm):
         return lambda done, total: feedback.setProgress(100.0 * done / total if total else 0.0)
 
     # ------------------------------------------------------------ hits output
-    def add_hits_output(self) -> None:
-        self.addParameter(QgsProcessingParameterFeatureSink(OUTPUT, "Hits", QgsProcessing.TypeVectorPolygon))
+    def add_hits_output(self, description: str = "Hits") -> None:
+        self.addParameter(QgsProcessingParameterFeatureSink(OUTPUT, description, QgsProcessing.TypeVectorPolygon))
 
     def write_hits(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   hits: Sequence) -> str:
-        """The hits as polygons in EPSG:4326 with the core's HIT_PROPERTIES fields; the sink's id."""
+                   hits: Sequence, properties: dict[str, str] | None = None) -> str:
+        """The hits (or changes) as polygons in EPSG:4326 with the fields `properties` (name -> Arrow type; default
+        the core's HIT_PROPERTIES) in order; the sink's id."""
         import shapely
         from rsmclip_geo.api import HIT_PROPERTIES
 
         fields = QgsFields()
-        for name, kind in HIT_PROPERTIES.items():
+        for name, kind in (properties or HIT_PROPERTIES).items():
             fields.append(QgsField(name, field_type(kind)))
         sink, dest_id = self.parameterAsSink(parameters, OUTPUT, context, fields, QgsWkbTypes.Polygon, WGS84)
         if sink is None:
