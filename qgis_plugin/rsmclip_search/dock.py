@@ -1,5 +1,5 @@
-"""The search dock: layer and model pickers, tiling settings, indexing, queries, results and relevance
-feedback (feedback_panel.py)."""
+"""The search dock: layer and model pickers, tiling settings, indexing, then two tabs: Search (queries, results
+and relevance feedback, feedback_panel.py) and Change (change between two layers, change_panel.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from qgis.PyQt.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
+    QTabWidget,
     QTreeWidget,
     QTreeWidgetItem,
     QVBoxLayout,
@@ -30,8 +30,10 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import deps
+from .change_panel import ChangeControls
 from .feedback_panel import LABEL_COLUMN, FeedbackControls
 from .settings import PanelSettings
+from .task_controls import TaskControls
 
 TITLE = "RS-M-CLIP Search"
 
@@ -117,25 +119,12 @@ class SearchDock(QDockWidget):
         self.threads.setSpecialValueText("auto")
         self.threads.setToolTip("Threads for ONNX Runtime and the raster readers (auto = all cores)")
         form.addRow("Threads", self.threads)
-        buttons = QHBoxLayout()
-        self.index_button = QPushButton("Index layer")
-        self.index_button.clicked.connect(self.start_indexing)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel_indexing)
-        buttons.addWidget(self.index_button)
-        buttons.addWidget(self.cancel_button)
-        form.addRow(buttons)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 100)
-        self.progress.setValue(0)
-        form.addRow(self.progress)
-        self.status = QLabel("Not indexed")
-        self.status.setWordWrap(True)
-        form.addRow(self.status)
+        self.indexing = TaskControls(form, "Index layer", "Not indexed", self.start_indexing, self.cancel_indexing)
+        self.index_button, self.cancel_button = self.indexing.run_button, self.indexing.cancel_button
+        self.progress, self.status = self.indexing.progress, self.indexing.status
         main.addWidget(index_box)
 
-        search_box = QGroupBox("Search")
+        search_box = QWidget()
         search = QVBoxLayout(search_box)
         query_row = QHBoxLayout()
         self.query = QLineEdit()
@@ -183,7 +172,11 @@ class SearchDock(QDockWidget):
         self.feedback = FeedbackControls(self)
         self.feedback.again_button.clicked.connect(self.search_again)
         search.addWidget(self.feedback)
-        main.addWidget(search_box, 1)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(search_box, "Search")
+        self.change = ChangeControls(self)
+        self.tabs.addTab(self.change, "Change")
+        main.addWidget(self.tabs, 1)
         self.setWidget(body)
 
     # ---------------------------------------------------------------- settings
@@ -196,6 +189,7 @@ class SearchDock(QDockWidget):
         self.top_k.setValue(s.top_k)
         self.threshold.setValue(s.threshold)
         self.heatmap.setChecked(s.heatmap)
+        self.change.top_k.setValue(s.change_top_k)
 
     def current_settings(self) -> PanelSettings:
         """The panel's widgets as settings (also what indexing and search use)."""
@@ -209,6 +203,8 @@ class SearchDock(QDockWidget):
             top_k=self.top_k.value(),
             threshold=self.threshold.value(),
             heatmap=self.heatmap.isChecked(),
+            change_top_k=self.change.top_k.value(),
+            change_direction=self.change.direction.currentData() or self.settings.change_direction,
             export_dir=self.settings.export_dir,
         )
 
@@ -221,10 +217,11 @@ class SearchDock(QDockWidget):
         """Show the dependency box when something is missing; enable the panel otherwise."""
         missing = deps.missing_dependencies()
         self.deps_box.setVisible(bool(missing))
-        for widget in (self.index_button, self.search_button, self.query, self.feedback):
+        for widget in (self.index_button, self.search_button, self.query, self.feedback, self.change):
             widget.setEnabled(not missing)
         if not missing:
             self.refresh_models()
+            self.change.fill_directions(self.settings.change_direction)
             return True
         lines = [f"<b>{dep.module}</b>: {dep.hint}" for dep in missing]
         requirements = deps.pip_requirements(missing)
@@ -245,7 +242,7 @@ class SearchDock(QDockWidget):
 
         self.install_button.setEnabled(False)
         self.deps_label.setText(f"Installing {', '.join(requirements)} with pip …")
-        self.install_task = self._run_task("Installing RS-M-CLIP Search dependencies", work, self._install_done)
+        self.install_task = self.run_task("Installing RS-M-CLIP Search dependencies", work, self._install_done)
 
     def _install_done(self, task) -> None:
         self.install_task = None
@@ -265,7 +262,7 @@ class SearchDock(QDockWidget):
         duration = 0 if level == Qgis.MessageLevel.Critical else 5
         self.iface.messageBar().pushMessage(TITLE, text, level=level, duration=duration)
 
-    def _run_task(self, description: str, work, on_done) -> QgsTask:
+    def run_task(self, description: str, work, on_done) -> QgsTask:
         from .tasks import CoreTask
 
         task = CoreTask(description, work, on_done)
@@ -276,6 +273,7 @@ class SearchDock(QDockWidget):
         """Cancel running work and store the settings (plugin unload)."""
         QgsProject.instance().layerWillBeRemoved.disconnect(self._layer_removed)
         self.feedback.shutdown()
+        self.change.shutdown()
         for task in (self.index_task, self.search_task):
             if task is not None:
                 task.cancel()
@@ -290,6 +288,7 @@ class SearchDock(QDockWidget):
         if self.result_layer is not None and layer_id == self.result_layer.id():
             self.result_layer, self.current_hits = None, []
             self.results.clear()
+        self.change.layer_removed(layer_id)
 
     # ------------------------------------------------------------------ models
     def refresh_models(self) -> None:
@@ -329,57 +328,63 @@ class SearchDock(QDockWidget):
         return self.models[key]
 
     # ---------------------------------------------------------------- indexing
-    def start_indexing(self) -> None:
-        """Index the chosen raster layer in a QgsTask (the core's cache is reused when the same
-        layer was indexed with the same model and tiling)."""
+    def indexing_job(self, layers: list):
+        """How the panel indexes raster layers with its model and tiling (the core's cache is reused for a layer
+        indexed before with the same model and tiling): ``work(progress, cancel) -> (model, [TileIndex per
+        layer])`` for a task, or None once a bad layer or setting is shown in the message bar."""
         from rsmclip_geo.errors import RsmclipError
 
         from .layers import raster_source
 
-        if self.index_task is not None:
-            return
-        layer = self.layer_combo.currentLayer()
         try:
-            path = raster_source(layer)
+            sources = [(raster_source(layer), rendered_bands(layer)) for layer in layers]
             settings = self.current_settings()
             tiling = tiling_params(settings)
         except RsmclipError as exc:
             self.message(in_panel_words(exc), Qgis.MessageLevel.Critical)
-            return
+            return None
         self.save_settings()
-        bands = rendered_bands(layer)
         threads = settings.threads or None
 
         def work(progress, cancel):
             from rsmclip_geo.api import scene_index
 
             model = self.model_for(settings.model, settings.threads)
-            return model, scene_index(path, model=model, tiling=model_tiling(tiling, model.bundle.info), bands=bands,
-                                      progress=progress, cancel=cancel, threads=threads)
+            share = len(sources)  # each layer a share of the progress
+            return model, [scene_index(path, model=model, tiling=model_tiling(tiling, model.bundle.info), bands=bands,
+                                       progress=lambda done, total, n=n: progress(n * total + done, share * total),
+                                       cancel=cancel, threads=threads)
+                           for n, (path, bands) in enumerate(sources)]
+
+        return work
+
+    def start_indexing(self) -> None:
+        """Index the chosen raster layer in a QgsTask."""
+        if self.index_task is not None:
+            return
+        layer = self.layer_combo.currentLayer()
+        index_layers = self.indexing_job([layer])
+        if index_layers is None:
+            return
+
+        def work(progress, cancel):
+            model, (index,) = index_layers(progress, cancel)
+            return model, index
 
         self.index = None
         self.indexed_layer = layer
-        self.progress.setValue(0)
-        self.status.setText(f"Indexing {layer.name()} …")
-        self.index_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
         name = layer.name()
-        self.index_task = self._run_task(f"Indexing {name} (RS-M-CLIP)", work, lambda t: self._indexing_done(t, name))
-        self.index_task.progressChanged.connect(self._show_progress)
-
-    def _show_progress(self, percent: float) -> None:
-        """Task progress (emitted from the worker thread, delivered here on the GUI thread)."""
-        self.progress.setValue(round(percent))
+        self.index_task = self.run_task(f"Indexing {name} (RS-M-CLIP)", work, lambda t: self._indexing_done(t, name))
+        self.indexing.started(self.index_task, f"Indexing {name} …")
 
     def cancel_indexing(self) -> None:
         if self.index_task is not None:
             self.index_task.cancel()
-            self.status.setText("Cancelling …")
+            self.indexing.cancelling()
 
     def _indexing_done(self, task, name: str) -> None:
         self.index_task = None
-        self.index_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.indexing.stopped()
         if task.cancelled:
             self.progress.setValue(0)
             self.status.setText("Indexing cancelled; finished batches are kept and resumed next time")
@@ -459,7 +464,7 @@ class SearchDock(QDockWidget):
         index, model = self.index, self.model
         for button in (self.search_button, self.similar_button, self.feedback.again_button):
             button.setEnabled(False)
-        self.search_task = self._run_task(
+        self.search_task = self.run_task(
             f"Searching '{name}' (RS-M-CLIP)",
             lambda progress, cancel: find(index, model, settings, params),
             lambda task: self._search_done(task, name, index),
@@ -479,11 +484,13 @@ class SearchDock(QDockWidget):
 
     def show_hits(self, name: str, hits, heatmap: Path | None, index) -> None:
         """Add the hits (of ``index``) as a layer above the indexed raster and list them."""
-        from .layers import add_above, heatmap_layer, hits_layer
+        from rsmclip_geo.api import HIT_PROPERTIES
+
+        from .layers import add_above, heatmap_layer, result_layer
 
         scene = next(iter(index.scenes.values()))
         rings = [index.scene_footprint(index.row_of(hit.tile_id)) for hit in hits]
-        layer = hits_layer(hits, rings, scene["crs"], name)
+        layer = result_layer(hits, rings, scene["crs"], name, HIT_PROPERTIES, "score")
         if heatmap is not None:
             add_above(heatmap_layer(heatmap, f"{name} heatmap"), self.indexed_layer)
         add_above(layer, self.indexed_layer)
@@ -501,14 +508,9 @@ class SearchDock(QDockWidget):
     # ----------------------------------------------------------- results, export
     def zoom_to_item(self, item: QTreeWidgetItem) -> None:
         """Zoom the map to the clicked result tile."""
-        from .layers import zoom_to
+        from .layers import zoom_to_rank
 
-        rank = int(item.text(0))
-        for feature in self.result_layer.getFeatures():
-            if feature["rank"] == rank:
-                zoom_to(self.iface.mapCanvas(), feature.geometry().boundingBox(), self.result_layer.crs())
-                self.result_layer.selectByIds([feature.id()])
-                return
+        zoom_to_rank(self.iface.mapCanvas(), self.result_layer, int(item.text(0)))
 
     def zoom_to_best(self) -> None:
         if self.results.topLevelItemCount() == 0:
@@ -548,7 +550,8 @@ class SearchDock(QDockWidget):
 #: The panel's name for a core parameter (its form label), where it has one.
 FIELD_NAMES = {"tile_size": "Tile size", "tile_size_m": "Tile size (m)", "overlap": "Overlap", "scales": "Scales",
                "threads": "Threads", "model": "Model", "top_k": "Top", "threshold": "Score ≥",
-               "output": "Export file", "cache_dir": "Cache folder", "labels_file": "Labels file"}
+               "output": "Export file", "cache_dir": "Cache folder", "labels_file": "Labels file",
+               "before": "Before", "after": "After", "direction": "Direction"}
 
 
 def in_panel_words(error) -> str:

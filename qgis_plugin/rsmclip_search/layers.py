@@ -1,5 +1,5 @@
-"""QGIS layers from the core's results: hit polygons in the raster's CRS styled by score, the score
-heatmap raster, placement in the layer tree and zooming."""
+"""QGIS layers from the core's results: hit and change polygons in the raster's CRS styled by score or rise,
+the score heatmap raster, placement in the layer tree and zooming."""
 
 from __future__ import annotations
 
@@ -31,49 +31,49 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QColor
 
-SCORE_CLASSES = 5
+COLOUR_CLASSES = 5  # graduated classes of a result layer
 COLOR_RAMP = "Viridis"
 FILL_ALPHA = 50  # of 255: the scene stays visible through the tiles
 
 
-
 def field_type(kind: str) -> QVariant.Type:
-    """The QGIS field type of a hit property's Arrow type (rsmclip_geo.api.HIT_PROPERTIES)."""
+    """The QGIS field type of a hit or change property's Arrow type (the core's HIT_PROPERTIES, CHANGE_PROPERTIES)."""
     if kind.startswith("int"):
         return QVariant.Int
     return QVariant.Double if kind.startswith("float") else QVariant.String
 
 
-def hits_layer(hits: Sequence, rings: Sequence[Sequence[tuple[float, float]]], crs_wkt: str, name: str) -> QgsVectorLayer:
-    """A memory polygon layer (CRS ``crs_wkt``) with one feature per hit, in rank order; ``rings``
-    are the hits' footprints in that CRS (``TileIndex.scene_footprint``)."""
-    from rsmclip_geo.api import HIT_PROPERTIES
-
+def result_layer(items: Sequence, rings: Sequence[Sequence[tuple[float, float]]], crs_wkt: str, name: str,
+                 properties: dict[str, str], value: str) -> QgsVectorLayer:
+    """A memory polygon layer (CRS ``crs_wkt``) with one feature per hit or change (``items``, in rank order),
+    its fields ``properties`` (the core's name -> Arrow type), coloured by the field ``value`` (``score`` of a
+    hit, ``rise`` of a change) and labelled by rank; ``rings`` are the items' footprints in that CRS
+    (``TileIndex.scene_footprint``)."""
     crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
     layer = QgsVectorLayer("Polygon", name, "memory")
     layer.setCrs(crs)
     provider = layer.dataProvider()
-    provider.addAttributes([QgsField(name, field_type(kind)) for name, kind in HIT_PROPERTIES.items()])
+    provider.addAttributes([QgsField(field, field_type(kind)) for field, kind in properties.items()])
     layer.updateFields()
     features = []
-    for hit, ring in zip(hits, rings):
+    for item, ring in zip(items, rings):
         feature = QgsFeature(layer.fields())
         feature.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
-        feature.setAttributes(list(hit.properties().values()))
+        feature.setAttributes(list(item.properties().values()))
         features.append(feature)
     provider.addFeatures(features)
     layer.updateExtents()
-    style_by_score(layer, [float(hit.score) for hit in hits])
+    style_graduated(layer, value, [float(getattr(item, value)) for item in items])
     label_by_rank(layer)
     return layer
 
 
-def style_by_score(layer: QgsVectorLayer, scores: Sequence[float]) -> None:
-    """Graduated colours on ``score`` (equal intervals between the lowest and highest hit),
+def style_graduated(layer: QgsVectorLayer, field: str, values: Sequence[float]) -> None:
+    """Graduated colours on ``field`` (equal intervals between the lowest and highest of ``values``),
     coloured outlines over a mostly transparent fill."""
     ramp = QgsStyle.defaultStyle().colorRamp(COLOR_RAMP)
-    low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    classes = SCORE_CLASSES if high > low else 1
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    classes = COLOUR_CLASSES if high > low else 1
     step = (high - low) / classes
     ranges = []
     for i in range(classes):
@@ -90,7 +90,7 @@ def style_by_score(layer: QgsVectorLayer, scores: Sequence[float]) -> None:
             }
         )
         ranges.append(QgsRendererRange(lower, upper, symbol, f"{lower:.3f} – {upper:.3f}"))
-    renderer = QgsGraduatedSymbolRenderer("score", ranges)
+    renderer = QgsGraduatedSymbolRenderer(field, ranges)
     renderer.setSourceColorRamp(ramp)
     layer.setRenderer(renderer)
 
@@ -150,6 +150,15 @@ def zoom_to(canvas, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, mar
     rect.scale(1.0 + margin)
     canvas.setExtent(rect)
     canvas.refresh()
+
+
+def zoom_to_rank(canvas, layer: QgsVectorLayer, rank: int) -> None:
+    """Zoom the canvas to the feature of a result layer with this rank, and select it."""
+    for feature in layer.getFeatures():
+        if feature["rank"] == rank:
+            zoom_to(canvas, feature.geometry().boundingBox(), layer.crs())
+            layer.selectByIds([feature.id()])
+            return
 
 
 def raster_source(layer) -> str:

@@ -22,6 +22,8 @@ class PanelSettings:
     top_k: int = 10
     threshold: float = -1.0  # -1 = any score
     heatmap: bool = False
+    change_top_k: int = 10  # changes listed by the Change tab
+    change_direction: str = "appeared"  # or "disappeared" (the core's CHANGE_DIRECTIONS)
     export_dir: str = ""
 
     @classmethod

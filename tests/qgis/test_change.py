@@ -21,7 +21,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
-from qgis_window import process_until
+from qgis_window import process_until, type_text
 from test_processing import ProgressLog, processing, qgis_process  # noqa: F401 (the Processing fixture)
 from test_search_flow import messages, open_panel
 
@@ -138,3 +138,117 @@ def test_qgis_process_runs_change(processing, indexes, tmp_path):  # noqa: F811
     assert error == [f"ERROR:\tTile index after (AFTER) {indexes['far']}: no tile matches a tile of "
                      f"{indexes['before']} (a different tiling, or no overlapping footprints); index both dates over "
                      "the same ground with the same tile size"], far.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- the panel
+
+@pytest.fixture
+def panel(plugin, iface, scenes, demo_bundle):
+    """The panel with the dates' GeoTIFFs as layers, the demo model and one tile per cell, on its Change tab."""
+    layers = {name: add_raster(scenes[name]) for name in ("before", "after", "far")}
+    dock = open_panel(plugin)
+    dock.select_model(str(demo_bundle))
+    dock.tile_unit.setCurrentIndex(dock.tile_unit.findData("px"))
+    dock.tile_size.setValue(CELL)
+    dock.tabs.setCurrentWidget(dock.change)
+    return dock, layers
+
+
+def find_changes(dock, before, after, query: str = "", direction: str = "appeared", top_k: int = 9,
+                 timeout: float = 300) -> None:
+    """Pick the layers, type the query, choose the direction and top k, click Find changes, wait for the task."""
+    controls = dock.change
+    controls.before_combo.setLayer(before)
+    controls.after_combo.setLayer(after)
+    controls.query.clear()
+    if query:
+        type_text(controls.query, query)
+    controls.direction.setCurrentIndex(controls.direction.findData(direction))
+    controls.top_k.setValue(top_k)
+    QTest.mouseClick(controls.controls.run_button, Qt.LeftButton)
+    assert controls.task is not None
+    process_until(lambda: controls.task is None, timeout=timeout)
+
+
+def listed(dock) -> list[list[str]]:
+    results = dock.change.results
+    return [[results.topLevelItem(row).text(col) for col in range(5)] for row in range(results.topLevelItemCount())]
+
+
+def test_panel_change_draws_and_lists_the_changes(panel, iface, scenes, demo_bundle):
+    from rsmclip_geo.api import SearchParams, TilingParams, change, load_model, scene_index
+
+    dock, layers = panel
+    find_changes(dock, layers["before"], layers["after"], QUERY, top_k=4)
+    name = f"{QUERY} appeared, before → after"
+    found = QgsProject.instance().mapLayersByName(name)
+    assert len(found) == 1, messages(iface)
+    layer = found[0]
+    assert layer.crs() == layers["after"].crs() == QgsCoordinateReferenceSystem(CRS)
+    features = sorted(layer.getFeatures(), key=lambda f: f["rank"])
+    assert [f["rank"] for f in features] == [1, 2, 3, 4]
+    assert features[0].geometry().contains(cell_centre(NEW_TANKS)), [f["tile_id"] for f in features]
+    assert [f["rise"] for f in features] == sorted((f["rise"] for f in features), reverse=True)
+    assert features[0].geometry().area() == pytest.approx((CELL * PIXEL_M) ** 2, rel=1e-6)
+    # The panel shows the core's answer: the same cached indexes compared by api.change.
+    model = load_model(demo_bundle)
+    before, after = (scene_index(scenes[date], model=model, tiling=TilingParams(tile_size=CELL))
+                     for date in ("before", "after"))
+    core = change(before, after, QUERY, model=model, params=SearchParams(top_k=4)).changes
+    assert [f["tile_id"] for f in features] == [c.tile_id for c in core]
+    # Styled by rise, labelled by rank, just above the after layer.
+    assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+    assert layer.renderer().classAttribute() == "rise"
+    assert layer.labelsEnabled() and layer.labeling().settings().fieldName == "rank"
+    order = [node.layer() for node in QgsProject.instance().layerTreeRoot().findLayers()]
+    assert order.index(layer) == order.index(layers["after"]) - 1
+    # The list mirrors the layer; a click zooms to the change.
+    rows = listed(dock)
+    assert [row[0] for row in rows] == ["1", "2", "3", "4"]
+    assert [row[4] for row in rows] == [f["tile_id"] for f in features]
+    assert rows[0][1:4] == [f"{features[0][field]:.3f}" for field in ("rise", "score_before", "score_after")]
+    assert "4 changes of 9 tile pairs matched" in dock.change.controls.status.text()
+    assert dock.change.controls.progress.value() == 100 and dock.change.controls.run_button.isEnabled()
+    dock.change.results.itemClicked.emit(dock.change.results.topLevelItem(3), 0)
+    canvas = iface.mapCanvas()
+    assert canvas.extent().contains(features[3].geometry().centroid().asPoint())
+    assert canvas.extent().width() < layers["after"].extent().width()
+
+
+def test_panel_change_disappeared_and_any_change(panel):
+    dock, layers = panel
+    find_changes(dock, layers["before"], layers["after"], QUERY, direction="disappeared", top_k=3)
+    lost = QgsProject.instance().mapLayersByName(f"{QUERY} disappeared, before → after")[0]
+    best = min(lost.getFeatures(), key=lambda f: f["rank"])
+    assert best.geometry().contains(cell_centre(LOST_TANKS))
+    find_changes(dock, layers["before"], layers["after"], top_k=3)
+    layer = QgsProject.instance().mapLayersByName("changes, before → after")[0]
+    assert {cell_of(f["win_col"], f["win_row"]) for f in layer.getFeatures()} == set(CHANGED)
+    assert all(row[2] == row[3] == "" for row in listed(dock))
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("far", ["After ", "no overlapping footprints"]),
+    ("no query", ["Direction disappeared: ", "give a query"]),
+    ("same layer", ["Before and After are the same layer"]),
+])
+def test_panel_refusals_are_one_line(panel, iface, case, fragments):
+    dock, layers = panel
+    before, after, query, direction = {
+        "far": (layers["before"], layers["far"], QUERY, "appeared"),
+        "no query": (layers["before"], layers["after"], "", "disappeared"),
+        "same layer": (layers["after"], layers["after"], QUERY, "appeared"),
+    }[case]
+    count = len(QgsProject.instance().mapLayers())
+    controls = dock.change
+    controls.before_combo.setLayer(before)
+    controls.after_combo.setLayer(after)
+    controls.query.setText(query)
+    controls.direction.setCurrentIndex(controls.direction.findData(direction))
+    QTest.mouseClick(controls.controls.run_button, Qt.LeftButton)
+    process_until(lambda: controls.task is None, timeout=300)
+    shown = messages(iface)
+    assert len(shown) == 1 and all(fragment in shown[0] for fragment in fragments), shown
+    assert "\n" not in shown[0] and "Traceback" not in shown[0]
+    assert len(QgsProject.instance().mapLayers()) == count
+    assert controls.controls.run_button.isEnabled()

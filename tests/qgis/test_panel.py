@@ -54,6 +54,8 @@ def test_settings_persist_between_sessions(iface):
     dock.top_k.setValue(7)
     dock.threshold.setValue(0.123)
     dock.heatmap.setChecked(True)
+    dock.change.top_k.setValue(4)
+    dock.change.direction.setCurrentIndex(dock.change.direction.findData("disappeared"))
     first.unload()
 
     second = rsmclip_search.classFactory(iface)
@@ -68,6 +70,8 @@ def test_settings_persist_between_sessions(iface):
         assert dock.top_k.value() == 7
         assert abs(dock.threshold.value() - 0.123) < 1e-9
         assert dock.heatmap.isChecked()
+        assert dock.change.top_k.value() == 4
+        assert dock.change.direction.currentData() == "disappeared"
     finally:
         dock.tile_unit.setCurrentIndex(dock.tile_unit.findData("px"))
         dock.tile_size.setValue(0)
@@ -77,6 +81,8 @@ def test_settings_persist_between_sessions(iface):
         dock.overlap.setValue(0)
         dock.threshold.setValue(-1)
         dock.top_k.setValue(10)
+        dock.change.top_k.setValue(10)
+        dock.change.direction.setCurrentIndex(dock.change.direction.findData("appeared"))
         second.unload()
 
 
