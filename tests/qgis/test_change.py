@@ -252,3 +252,21 @@ def test_panel_refusals_are_one_line(panel, iface, case, fragments):
     assert "\n" not in shown[0] and "Traceback" not in shown[0]
     assert len(QgsProject.instance().mapLayers()) == count
     assert controls.controls.run_button.isEnabled()
+
+
+def test_panel_change_cancel_stops_indexing_between_batches(panel, test_bundle):
+    dock, layers = panel
+    dock.select_model(str(test_bundle))
+    dock.tile_size.setValue(16)  # hundreds of batches per layer with the tiny model
+    controls = dock.change
+    controls.before_combo.setLayer(layers["before"])
+    controls.after_combo.setLayer(layers["far"])
+    QTest.mouseClick(controls.controls.run_button, Qt.LeftButton)
+    task = controls.task
+    process_until(lambda: controls.controls.progress.value() > 0, timeout=120)
+    QTest.mouseClick(controls.controls.cancel_button, Qt.LeftButton)
+    process_until(lambda: controls.task is None, timeout=120)
+    assert "Cancelled" in controls.controls.status.text()
+    assert task.progress() < 100  # stopped while indexing
+    assert controls.controls.run_button.isEnabled() and not controls.controls.cancel_button.isEnabled()
+    assert not QgsProject.instance().mapLayersByName("changes, before → far")
