@@ -362,6 +362,9 @@ class SearchDock(QDockWidget):
         """Index the chosen raster layer in a QgsTask."""
         if self.index_task is not None:
             return
+        if self.change.task is not None:
+            self.message("Wait for Find changes to finish, then Index layer", Qgis.MessageLevel.Warning)
+            return
         layer = self.layer_combo.currentLayer()
         index_layers = self.indexing_job([layer])
         if index_layers is None:
