@@ -136,6 +136,18 @@ def collection_of(collection_id: str, items: list[pystac.Item]) -> pystac.Collec
     bbox = [min(b[0] for b in bboxes), min(b[1] for b in bboxes), max(b[2] for b in bboxes),
             max(b[3] for b in bboxes)]
     times = sorted(item.datetime for item in items)
-    return pystac.Collection(collection_id, f"test collection {collection_id}",
-                             pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([[times[0], times[-1]]])),
-                             license="proprietary")
+    extent = pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([[times[0], times[-1]]]))
+    return pystac.Collection(collection_id, f"test collection {collection_id}", extent, license="proprietary")
+
+
+def write_catalogue(folder: Path, collection_id: str, items: list[pystac.Item]) -> Path:
+    """A self-contained static catalogue of one collection in `folder` (asset hrefs made relative to the
+    items, as published catalogues have them); its catalog.json."""
+    catalog = pystac.Catalog("archive", "static test catalogue")
+    collection = collection_of(collection_id, items)
+    catalog.add_child(collection)
+    collection.add_items(items)
+    catalog.normalize_hrefs(str(folder))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return folder / "catalog.json"

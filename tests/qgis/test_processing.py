@@ -119,7 +119,8 @@ def test_plugin_registers_and_removes_the_provider(qgis_app):
     provider = registry.providerById("rsmclip")
     assert provider is not None and not provider.icon().isNull()
     assert sorted(a.id() for a in provider.algorithms()) == [
-        "rsmclip:feedbacksearch", "rsmclip:heatmap", "rsmclip:index", "rsmclip:similar", "rsmclip:textsearch"]
+        "rsmclip:feedbacksearch", "rsmclip:heatmap", "rsmclip:index", "rsmclip:similar", "rsmclip:stacindex",
+        "rsmclip:textsearch"]
     assert {a.group() for a in provider.algorithms()} == {"Tile search"}
     plugin.unload()
     assert registry.providerById("rsmclip") is None

@@ -14,7 +14,7 @@ import rasterio
 import rasterio.warp
 from cli_cases import assert_fails_cleanly, leftovers, run_cli
 from servers import Nginx, free_port, make_cog
-from stac_servers import PgStacApi, cog_item, collection_of, pgstac_missing
+from stac_servers import PgStacApi, cog_item, collection_of, pgstac_missing, write_catalogue
 
 from rsmclip_geo import api
 from rsmclip_geo.errors import RsmclipError
@@ -78,14 +78,7 @@ def stac_api(cogs, nginx):
 @pytest.fixture(scope="module")
 def catalogue(cogs, nginx):
     """A static catalogue of the aerial items under nginx's root, asset hrefs relative to the items."""
-    items = aerial_items(cogs, lambda name: str(cogs / name))
-    catalog = pystac.Catalog("archive", "static test catalogue")
-    collection = collection_of("aerial", items)
-    catalog.add_child(collection)
-    collection.add_items(items)
-    catalog.normalize_hrefs(str(cogs / "catalog"))
-    catalog.make_all_asset_hrefs_relative()
-    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    write_catalogue(cogs / "catalog", "aerial", aerial_items(cogs, lambda name: str(cogs / name)))
     return nginx.url("catalog/catalog.json")
 
 
