@@ -39,10 +39,10 @@ class SearchParams:
 
     `aoi`: a (minlon, minlat, maxlon, maxlat) bbox or "a,b,c,d" string, a shapely geometry (EPSG:4326) or
     a vector file. `datetime`: an RFC 3339 interval (open ends `..`) that the STAC datetime of a tile's scene
-    must meet (scenes without one are left out). `lang`: also average the query over that language's prompt templates. `exact`: score
-    every tile even when the index is large enough for its ANN index. `labels`: tiles marked right or wrong
-    (feedback.Labels): the query is refined with them by `feedback_method` and the judged tiles are left
-    out of the ranking (a search with labels is exact).
+    must meet (scenes without one are left out). `lang`: also average the query over that language's prompt
+    templates. `exact`: score every tile even when the index is large enough for its ANN index. `labels`:
+    tiles marked right or wrong (feedback.Labels): the query is refined with them by `feedback_method` and
+    the judged tiles are left out of the ranking (a search with labels is exact).
     """
 
     top_k: int = 10

@@ -313,8 +313,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.verify:
         return verify(args)
     if not (args.scenes or args.stac) or not args.output:
-        raise RsmclipError("index: give one or more scenes (or --stac URL) and -o OUTPUT (a .parquet file or a "
-                           "directory name), or --verify INDEX")
+        raise RsmclipError("index: give one or more scenes and -o OUTPUT (a .parquet file or a directory name), "
+                           "--stac URL and -o OUTPUT, or --verify INDEX")
     engine = indexing_engine(args)
     params = tiling_params(args)
     scenes = index_inputs(args)
