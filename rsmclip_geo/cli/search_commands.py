@@ -261,8 +261,8 @@ def search_params(args: argparse.Namespace, labels=None):
     from rsmclip_geo.api import SearchParams
 
     feedback = {"feedback_method": args.feedback_method} if getattr(args, "feedback_method", None) else {}
-    return SearchParams(top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, datetime=args.datetime,
-                        nms_overlap=args.nms,
+    return SearchParams(top_k=args.top_k, threshold=args.threshold, aoi=args.aoi,
+                        datetime=getattr(args, "datetime", None), nms_overlap=args.nms,
                         lang=getattr(args, "lang", None), exact=getattr(args, "exact", False), labels=labels,
                         **feedback)
 
