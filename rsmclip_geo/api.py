@@ -28,7 +28,7 @@ from rsmclip_geo.export import write_heatmap as _write_heatmap
 from rsmclip_geo.feedback import FEEDBACK_METHODS, LABELS_FORMATS, Judgement, Labels
 from rsmclip_geo.files import check_writable, write_text_atomic
 from rsmclip_geo.hits import HIT_PROPERTIES, Hit, hits_to_geojson
-from rsmclip_geo.indexer import IndexEngine, LocalEngine, index_scenes
+from rsmclip_geo.indexer import IndexEngine, LocalEngine, check_index_output, index_scenes
 from rsmclip_geo.pipeline import CancelCallback, Cancelled, ProgressCallback
 from rsmclip_geo.queries import clean_queries
 from rsmclip_geo.ray_engine import RayEngine
@@ -289,11 +289,14 @@ def tiles_at(index: TileIndex, lon: float, lat: float) -> list[str]:
 
 def check_outputs(*, hits: str | os.PathLike | None = None, heatmap: str | os.PathLike | None = None,
                   text: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
-                  index: IndexHeader | TileIndex | None = None, scene: str | None = None,
-                  inputs: Sequence[str | os.PathLike] = ()) -> None:
+                  tile_index: str | os.PathLike | None = None, index: IndexHeader | TileIndex | None = None,
+                  scene: str | None = None, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Before any work: RsmclipError (param `output`, `heatmap` or `labels_file`) when a hits file, heatmap,
-    text output or labels file cannot be written, or would replace or land inside one of `inputs`; with
-    `index`, also that the heatmap's scene is known (`scene` picks one of a multi-scene index)."""
+    text output, labels file or tile index (`tile_index`, as build_index checks it) cannot be written, or would
+    replace or land inside one of `inputs`; with `index`, also that the heatmap's scene is known (`scene` picks
+    one of a multi-scene index)."""
+    if tile_index is not None:
+        check_index_output(Path(tile_index))
     resolved = [Path(path).resolve() for path in inputs]
     for param, value, formats in (("output", hits, HIT_FORMATS), ("heatmap", heatmap, HEATMAP_FORMATS),
                                   ("output", text, None), ("labels_file", labels, LABELS_FORMATS)):

@@ -32,8 +32,8 @@ DEFAULT_ASSET = "visual"
 ITEM_SEARCH = re.compile(r"https://api\.stacspec\.org/v1\.\d+\.\d+(-[\w.]+)?/item-search")
 #: Items asked for per page of an API search.
 PAGE_SIZE = 100
-#: HTTP codes of a refused or lapsed signed link.
-EXPIRED_CODES = re.compile(r"\b(401|403|410)\b")
+#: GDAL's words for the HTTP codes of a refused or lapsed signed link.
+EXPIRED_CODES = re.compile(r"HTTP response code: (401|403|410)\b")
 
 
 @dataclass(frozen=True)
@@ -159,16 +159,19 @@ def stac_scenes(
         if max_items is not None and len(scenes) >= max_items:
             break
     if not scenes:
-        filters = ", ".join(f"{name} {value}" for name, value in (
-            ("collection", collection), ("bbox", None if bbox is None else ",".join(f"{v:g}" for v in bbox)),
-            ("datetime", datetime), ("max_cloud", max_cloud)) if value is not None)
-        param, value = next(((n, v) for n, v in (("bbox", bbox), ("datetime", datetime), ("collection", collection),
-                                                   ("max_cloud", max_cloud)) if v is not None), ("stac", shown))
-        shown_value = ",".join(f"{v:g}" for v in value) if param == "bbox" else value
-        raise RsmclipError(f"{param}={shown_value}: no item of {shown} matches ({filters or 'no filter'}); widen "
-                           "the search or check the catalogue", param=param, value=shown_value)
+        raise _no_items(shown, bbox=bbox, datetime=datetime, collection=collection, max_cloud=max_cloud)
     log.info("%s: %d item(s) to index", shown, len(scenes))
     return scenes
+
+
+def _no_items(shown: str, **filters) -> RsmclipError:
+    """No item left: named by the most specific filter given (bbox, datetime, collection, max_cloud), else stac."""
+    given = {name: ",".join(f"{v:g}" for v in value) if name == "bbox" else value
+             for name, value in filters.items() if value is not None}
+    param, value = next(iter(given.items()), ("stac", shown))
+    listed = ", ".join(f"{name} {value}" for name, value in given.items()) or "no filter"
+    return RsmclipError(f"{param}={value}: no item of {shown} matches ({listed}); widen the search or check the "
+                        "catalogue", param=param, value=value)
 
 
 def _check_filters(keys: tuple[str, ...], bbox, datetime, max_items, max_cloud) -> None:

@@ -159,7 +159,7 @@ STAC_DEFAULTS = dict(collection=None, bbox=None, datetime=None, max_items=None, 
 
 def index_inputs(args: argparse.Namespace) -> list:
     """What `index` embeds: the scenes given, or the scenes of --stac's items (checked before any work)."""
-    from rsmclip_geo.api import DEFAULT_ASSET, stac_scenes
+    from rsmclip_geo.api import DEFAULT_ASSET, check_outputs, stac_scenes
 
     filters = {name: getattr(args, name) for name in STAC_DEFAULTS}
     if not args.stac:
@@ -169,6 +169,7 @@ def index_inputs(args: argparse.Namespace) -> list:
         return args.scenes
     if args.scenes:
         raise RsmclipError("--stac URL indexes the items of a catalogue: give no scenes with it")
+    check_outputs(tile_index=args.output)  # before the catalogue is searched
     return stac_scenes(args.stac, asset=args.asset, **filters)
 
 

@@ -205,3 +205,9 @@ def test_bad_filters_are_named():
         with pytest.raises(RsmclipError) as caught:
             api.stac_scenes("unused.json", **kwargs)
         assert caught.value.param == param and str(caught.value).startswith(f"{param}=")
+
+
+def test_the_output_is_checked_before_the_catalogue_is_read(tiny_bundle, tmp_path, capsys):
+    result = run_cli(capsys, "index", "--stac", f"http://127.0.0.1:{free_port()}/", "-o", tmp_path / "o.gpkg",
+                     "--model", tiny_bundle)
+    assert_fails_cleanly(result, "-o ", "give a .parquet name")

@@ -151,8 +151,9 @@ class StacIndexAlgorithm(IndexAlgorithm):
         self.add_tiling_parameters()
 
     def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from rsmclip_geo.api import stac_scenes
+        from rsmclip_geo.api import check_outputs, stac_scenes
 
+        check_outputs(tile_index=self.parameterAsFileOutput(parameters, OUTPUT, context))  # before the search
         bbox = None
         if not is_unset(parameters.get(EXTENT)):
             box = self.parameterAsExtent(parameters, EXTENT, context, WGS84)
