@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,8 +230,8 @@ _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "In
                "int32": "Int32", "float32": "Float32", "float64": "Float64"}
 
 
-def _scene(opener, shown: Path | str, path: Path | str, source: str | None, fingerprint,
-           *, bands: tuple[int, int, int] | None, nodata: float | str | None) -> Scene:
+def _scene(opener: Callable[[], rasterio.DatasetReader], shown: Path | str, path: Path | str, source: str | None,
+           fingerprint: Callable[[], tuple[str, str | None]], *, bands: tuple[int, int, int] | None, nodata: float | str | None) -> Scene:
     """The Scene of the raster `opener()` opens: `shown` in messages, `path` stored, `source` what GDAL opens
     for a remote or stacked scene, `fingerprint()` its (fingerprint, revision)."""
     if not (nodata is None or nodata == FILE_NODATA or isinstance(nodata, (int, float, np.number))):

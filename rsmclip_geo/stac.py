@@ -57,7 +57,11 @@ class StacScene:
         return dict(zip(STAC_FIELDS, (self.item_id, self.collection, self.datetime, self.asset_href)))
 
     def open(self, *, bands: tuple[int, int, int] | None = None, nodata: float | str | None = FILE_NODATA) -> Scene:
-        """The scene to index (RsmclipError naming `asset` when an asset cannot be read)."""
+        """The scene to index (RsmclipError naming `asset` when an asset cannot be read); `bands` picks the
+        R, G, B bands of a single asset (a stack of three assets has its own)."""
+        if bands is not None and len(self.hrefs) > 1:
+            raise RsmclipError(f"bands={','.join(map(str, bands))}: the assets {','.join(self.assets)} are the R, G, "
+                               "B bands already; give no bands", param="bands", value=bands)
         try:
             if len(self.hrefs) == 1:
                 scene = open_scene(self.hrefs[0], bands=bands, nodata=nodata)
@@ -181,8 +185,9 @@ def _check_filters(keys: tuple[str, ...], bbox, datetime, max_items, max_cloud) 
     if bbox is not None:
         box = list(bbox)
         if len(box) != 4 or not (-180 <= box[0] < box[2] <= 180 and -90 <= box[1] < box[3] <= 90):
-            raise RsmclipError(f"bbox={box}: give W S E N in degrees (EPSG:4326) with W < E and S < N",
-                               param="bbox", value=box)
+            shown = ",".join(f"{v:g}" for v in box)
+            raise RsmclipError(f"bbox={shown}: give W S E N in degrees (EPSG:4326) with W < E and S < N",
+                               param="bbox", value=shown)
     if max_items is not None and max_items < 1:
         raise RsmclipError(f"max_items={max_items}: give a positive number of items", param="max_items",
                            value=max_items)
