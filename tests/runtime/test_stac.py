@@ -18,6 +18,7 @@ from stac_servers import PgStacApi, cog_item, collection_of, pgstac_missing, wri
 
 from rsmclip_geo import api
 from rsmclip_geo.errors import RsmclipError
+from rsmclip_geo.stac import in_interval, parse_interval
 from rsmclip_geo.tile_index import TileIndex
 from rsmclip_geo.tiling import TilingParams
 
@@ -143,8 +144,25 @@ def test_indexes_without_stac_fields_still_search(model, nginx, tmp_path):
 
 def test_max_cloud_and_max_items(stac_api):
     assert [s.item_id for s in api.stac_scenes(stac_api, collection="aerial", max_cloud=10)] == ["farm"]
-    assert len(api.stac_scenes(stac_api, collection="aerial", max_cloud=50)) == 2
+    # every collection: the item without eo:cloud_cover is left out
+    assert sorted(s.item_id for s in api.stac_scenes(stac_api, max_cloud=50)) == ["colorado", "farm"]
     assert len(api.stac_scenes(stac_api, collection="aerial", max_items=1)) == 1
+
+
+def test_static_catalogue_filters_here(catalogue):
+    assert [s.item_id for s in api.stac_scenes(catalogue, datetime="2023-01-01/..")] == ["colorado"]
+    assert [s.item_id for s in api.stac_scenes(catalogue, datetime="2021-06-15")] == ["farm"]
+    assert [s.item_id for s in api.stac_scenes(catalogue, max_cloud=10)] == ["farm"]
+    with pytest.raises(RsmclipError, match="collection=other: no item"):
+        api.stac_scenes(catalogue, collection="other")
+
+
+def test_datetime_intervals():
+    july = parse_interval("2024-07-01/2024-07-31")
+    assert in_interval("2024-07-31T23:59:59Z", july) and not in_interval("2024-08-01T00:00:00Z", july)
+    assert in_interval("2024-06-20T00:00:00Z/2024-07-02T00:00:00Z", july)  # an item interval that overlaps
+    assert in_interval("2024-07-10T12:00:00+02:00", parse_interval("../2024-07-10T10:00:00Z"))
+    assert not in_interval(None, july)
 
 
 def test_band_stack_equals_rgb_cog(model, catalogue, nginx, cogs, tmp_path):
