@@ -15,6 +15,7 @@ import rasterio.warp
 from cli_cases import assert_fails_cleanly, leftovers, run_cli
 from servers import Nginx, free_port, make_cog
 from stac_servers import PgStacApi, cog_item, collection_of, pgstac_missing, write_catalogue
+from test_remote import moto_server, s3  # noqa: F401 (moto's S3 server holding this module's farm.tif)
 
 from rsmclip_geo import api
 from rsmclip_geo.errors import RsmclipError
@@ -176,6 +177,17 @@ def test_band_stack_equals_rgb_cog(model, catalogue, nginx, cogs, tmp_path):
     assert_same_tiles(TileIndex.open(tmp_path / "stack.parquet"), TileIndex.open(tmp_path / "visual.parquet"))
     gets = [r for r in nginx.requests("B04.tif") if r[0] == "GET"]
     assert gets and all(status == 206 for _, status, _, _ in gets)  # range reads, never the whole file
+
+
+def test_s3_asset_of_an_item(model, s3, nginx, cogs, tmp_path):  # noqa: F811
+    item = cog_item("farm-s3", cogs / "farm.tif", {"visual": "s3://scenes/farm.tif"}, collection="aerial",
+                    datetime=FARM_TIME)
+    (tmp_path / "item.json").write_text(json.dumps(item.to_dict(include_self_link=False)))
+    api.build_index(api.stac_scenes(tmp_path / "item.json"), tmp_path / "s3.parquet", model=model, tiling=PARAMS)
+    api.build_index([nginx.url("farm.tif")], tmp_path / "http.parquet", model=model, tiling=PARAMS)
+    index = TileIndex.open(tmp_path / "s3.parquet")
+    assert_same_tiles(index, TileIndex.open(tmp_path / "http.parquet"))
+    assert [r["stac"]["asset_href"] for r in index.scenes.values()] == ["s3://scenes/farm.tif"]
 
 
 def test_catalogue_without_items_in_the_bbox(tiny_bundle, catalogue, tmp_path, capsys):
