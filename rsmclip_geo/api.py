@@ -28,7 +28,7 @@ from rsmclip_geo.export import write_heatmap as _write_heatmap
 from rsmclip_geo.feedback import FEEDBACK_METHODS, LABELS_FORMATS, Judgement, Labels
 from rsmclip_geo.files import check_writable, write_text_atomic
 from rsmclip_geo.hits import HIT_PROPERTIES, Hit, hits_to_geojson
-from rsmclip_geo.indexer import IndexEngine, LocalEngine, index_scenes
+from rsmclip_geo.indexer import IndexEngine, LocalEngine, check_index_output, index_scenes
 from rsmclip_geo.pipeline import CancelCallback, Cancelled, ProgressCallback
 from rsmclip_geo.queries import clean_queries
 from rsmclip_geo.ray_engine import RayEngine
@@ -36,19 +36,22 @@ from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
 from rsmclip_geo.remote import clean_location, is_remote, scene_file_name
 from rsmclip_geo.search import SearchParams, search_index
 from rsmclip_geo.search import similar as _similar
+from rsmclip_geo.stac import DEFAULT_ASSET, STAC_FIELDS, StacScene
+from rsmclip_geo.stac import stac_scenes as _stac_scenes
 from rsmclip_geo.tile_index import IndexHeader, TileIndex
 from rsmclip_geo.tile_index import verify_index as _verify_index
 from rsmclip_geo.tiling import AUTO_TILE_SIZE, TilingParams
 
 __all__ = [
-    "ANY_CHANGE", "AUTO_TILE_SIZE", "CHANGE_DIRECTIONS", "CHANGE_PROPERTIES", "DEFAULT_MODEL", "FEEDBACK_METHODS",
-    "FILE_NODATA", "HEATMAP_FORMATS", "HIT_FORMATS", "HIT_PROPERTIES", "Bundle", "BundleInfo", "CancelCallback",
-    "Cancelled", "ChangeHit", "ChangeResult", "Classification", "Hit", "IndexEngine", "IndexHeader", "Judgement",
-    "Labels", "LocalEngine", "Model", "ProgressCallback", "RayEngine", "RsmclipError", "Scene", "SearchParams",
-    "SearchResult", "TileIndex", "TilingParams", "build_ann", "build_index", "change", "check_outputs", "classify",
-    "heatmap_path", "hits_to_geojson", "is_remote", "list_models", "load_bundle", "load_model", "models_dirs", "open_index",
-    "read_labels", "scene_file_name", "scene_index", "search", "similar", "tile_search", "tiles_at", "verify_index",
-    "write_changes", "write_heatmap", "write_hits", "write_text_atomic",
+    "ANY_CHANGE", "AUTO_TILE_SIZE", "CHANGE_DIRECTIONS", "CHANGE_PROPERTIES", "DEFAULT_ASSET", "DEFAULT_MODEL",
+    "FEEDBACK_METHODS", "FILE_NODATA", "HEATMAP_FORMATS", "HIT_FORMATS", "HIT_PROPERTIES", "Bundle", "BundleInfo",
+    "CancelCallback", "Cancelled", "ChangeHit", "ChangeResult", "Classification", "Hit", "IndexEngine", "IndexHeader",
+    "Judgement", "Labels", "LocalEngine", "Model", "ProgressCallback", "RayEngine", "RsmclipError", "STAC_FIELDS",
+    "Scene", "SearchParams", "SearchResult", "StacScene", "TileIndex", "TilingParams", "build_ann", "build_index",
+    "change", "check_outputs", "classify", "heatmap_path", "hits_to_geojson", "is_remote", "list_models",
+    "load_bundle", "load_model", "models_dirs", "open_index", "read_labels", "scene_file_name", "scene_index",
+    "search", "similar", "stac_scenes", "tile_search", "tiles_at", "verify_index", "write_changes", "write_heatmap",
+    "write_hits", "write_text_atomic",
 ]
 
 
@@ -102,7 +105,7 @@ def classify(images: Sequence[str | os.PathLike], labels: Sequence[str], *, mode
 # ---------------------------------------------------------------------------------------- indexing
 
 def build_index(
-    scenes: Sequence[str | os.PathLike | Scene],
+    scenes: Sequence[str | os.PathLike | Scene | StacScene],
     output: str | os.PathLike,
     *,
     model=None,
@@ -120,6 +123,26 @@ def build_index(
     return IndexHeader.read(index_scenes(scenes, output, model=model, tiling=tiling, bands=bands, nodata=nodata,
                                          engine=engine, batch_size=batch_size, progress=progress, cancel=cancel,
                                          threads=threads))
+
+
+def stac_scenes(
+    source: str | os.PathLike,
+    *,
+    collection: str | None = None,
+    bbox: Sequence[float] | None = None,
+    datetime: str | None = None,
+    asset: str | Sequence[str] = DEFAULT_ASSET,
+    max_items: int | None = None,
+    max_cloud: float | None = None,
+) -> list[StacScene]:
+    """The scenes to index (`build_index(api.stac_scenes(...), ...)`) of a STAC API's item search or a static
+    catalogue, collection or item (a local path or an http URL): items in the `collection`, meeting `bbox`
+    (W, S, E, N, EPSG:4326) and `datetime` (RFC 3339 interval, open ends `..`), with eo:cloud_cover at most
+    `max_cloud`, at most `max_items`; each scene is the item's `asset`, or three single-band assets stacked
+    as R, G, B ("red,green,blue"). The index keeps each scene's STAC_FIELDS. No asset is read here: build_index
+    opens them before any output is written."""
+    return _stac_scenes(source, collection=collection, bbox=bbox, datetime=datetime, asset=asset,
+                        max_items=max_items, max_cloud=max_cloud)
 
 
 def scene_index(
@@ -266,11 +289,14 @@ def tiles_at(index: TileIndex, lon: float, lat: float) -> list[str]:
 
 def check_outputs(*, hits: str | os.PathLike | None = None, heatmap: str | os.PathLike | None = None,
                   text: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
-                  index: IndexHeader | TileIndex | None = None, scene: str | None = None,
-                  inputs: Sequence[str | os.PathLike] = ()) -> None:
+                  tile_index: str | os.PathLike | None = None, index: IndexHeader | TileIndex | None = None,
+                  scene: str | None = None, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Before any work: RsmclipError (param `output`, `heatmap` or `labels_file`) when a hits file, heatmap,
-    text output or labels file cannot be written, or would replace or land inside one of `inputs`; with
-    `index`, also that the heatmap's scene is known (`scene` picks one of a multi-scene index)."""
+    text output, labels file or tile index (`tile_index`, as build_index checks it) cannot be written, or would
+    replace or land inside one of `inputs`; with `index`, also that the heatmap's scene is known (`scene` picks
+    one of a multi-scene index)."""
+    if tile_index is not None:
+        check_index_output(Path(tile_index))
     resolved = [Path(path).resolve() for path in inputs]
     for param, value, formats in (("output", hits, HIT_FORMATS), ("heatmap", heatmap, HEATMAP_FORMATS),
                                   ("output", text, None), ("labels_file", labels, LABELS_FORMATS)):

@@ -27,6 +27,7 @@ from rsmclip_geo.locks import output_lock
 from rsmclip_geo.pipeline import CancelCallback, ProgressCallback, default_threads, embed_scene
 from rsmclip_geo.raster import FILE_NODATA, Scene, open_scene
 from rsmclip_geo.remote import clean_location
+from rsmclip_geo.stac import StacScene
 from rsmclip_geo.tile_index import (
     FORMAT_VERSION, atomic_write_table, batch_table, index_is_file, index_schema,
     is_index_part, read_parquet, with_metadata, write_shard_directory,
@@ -56,6 +57,7 @@ def scene_record(scene: Scene, path: str) -> dict:
         "rgb_bands": list(scene.rgb_bands),
         "nodata": None if scene.nodata is None else str(scene.nodata) if math.isnan(scene.nodata) else scene.nodata,
         "nodata_overridden": scene.nodata_overridden,
+        **({"stac": scene.stac} if scene.stac else {}),
     }
 
 
@@ -212,7 +214,7 @@ class IndexJob:
 
 
 def plan_index(
-    scenes: Sequence[str | os.PathLike | Scene],
+    scenes: Sequence[str | os.PathLike | Scene | StacScene],
     output: str | os.PathLike,
     *,
     model=None,
@@ -230,6 +232,8 @@ def plan_index(
         raise RsmclipError("no scenes given: pass one or more raster files")
     given: dict[str, tuple[Scene, str]] = {}  # fingerprint -> (scene, its path as given; a Scene's resolved path)
     for item in scenes:
+        if isinstance(item, StacScene):
+            item = item.open(bands=bands, nodata=nodata)
         scene = item if isinstance(item, Scene) else open_scene(item, bands=bands, nodata=nodata)
         given[scene.fingerprint] = (scene, str(scene.path) if isinstance(item, Scene) else
                                     os.fspath(clean_location(item)))
@@ -298,7 +302,7 @@ class LocalEngine:
 
 
 def index_scenes(
-    scenes: Sequence[str | os.PathLike | Scene],
+    scenes: Sequence[str | os.PathLike | Scene | StacScene],
     output: str | os.PathLike,
     *,
     model=None,

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +82,8 @@ def scene_fingerprint(path: str | os.PathLike) -> str:
 class Scene:
     """A georeferenced raster with its RGB band mapping and 8-bit stretch."""
 
-    path: Path | str  # a local file (resolved), or a remote scene's location without credentials
+    path: Path | str  # a local file (resolved), a remote scene's location without credentials, or a band
+    #                   stack's locations, comma-separated
     fingerprint: str
     width: int
     height: int
@@ -94,8 +95,10 @@ class Scene:
     dtype: str
     stretch: tuple[tuple[float, float], ...] | None
     nodata_overridden: bool = False  # `nodata` replaces the file's nodata value (None: ignores it)
-    source: str | None = field(default=None, repr=False)  # what GDAL opens for a remote scene (may hold credentials)
+    source: str | None = field(default=None, repr=False)  # what GDAL opens for a remote scene or a band stack's
+    #                                                         VRT XML (may hold credentials)
     revision: str | None = None  # a remote scene's ETag (else Last-Modified) and size
+    stac: dict | None = None  # a STAC item's scene: its stac.STAC_FIELDS
 
     @property
     def name(self) -> str:
@@ -160,38 +163,106 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, int, int] | None = 
     Alpha bands and mask bands of the file always count. `path` may be an https://, s3:// or /vsi…
     location of a cloud-optimised GeoTIFF (rsmclip_geo.remote), read with range requests.
     """
-    remote = is_remote(path)
-    source = gdal_path(path) if remote else None  # may hold credentials: never shown
-    path = clean_location(path) if remote else Path(path)
+    if is_remote(path):
+        source = gdal_path(path)  # may hold credentials: never shown
+        shown = clean_location(path)
+        return _scene(lambda: _open_remote(source, shown), shown, shown, source, lambda: remote_fingerprint(source),
+                      bands=bands, nodata=nodata)
+    path = Path(path)
+    return _scene(lambda: _open_dataset(path), path, path.resolve(), None, lambda: (scene_fingerprint(path), None),
+                  bands=bands, nodata=nodata)
+
+
+def open_band_stack(locations: Sequence[str | os.PathLike], *, nodata: float | str | None = FILE_NODATA) -> Scene:
+    """One RGB scene of three single-band rasters on one grid, R, G, B in order (a STAC item's `red`, `green`,
+    `blue` assets): a GDAL VRT of their first bands, which stays windowed and remote (its XML is the scene's
+    source; no file is written). Its path is the locations without credentials, comma-separated; its
+    fingerprint covers the three files'. RasterError naming the band file that cannot be read or is off grid."""
+    bands, grid = [], None
+    for location in locations:
+        remote = is_remote(location)
+        source = gdal_path(location) if remote else os.fspath(Path(location).resolve())
+        shown = clean_location(location) if remote else Path(location)
+        with ExitStack() as stack:
+            stack.enter_context(remote_env() if remote else nullcontext())
+            src = stack.enter_context(_open_remote(source, shown) if remote else _open_dataset(Path(location)))
+            this = (src.width, src.height, src.crs, tuple(src.transform)[:6])
+            if grid is not None and this != grid:
+                raise RasterError(f"{shown}: not on the grid of the first band (size, CRS or transform differ); "
+                                  "stack bands of one scene")
+            grid = this
+            fingerprint = remote_fingerprint(source) if remote else (scene_fingerprint(source), None)
+            bands.append((source, shown, src.dtypes[0], src.nodata, src.block_shapes[0], fingerprint))
+    width, height, crs, transform = grid
+    xml = band_stack_vrt(width, height, crs, transform, [(b[0], b[2], b[3], b[4]) for b in bands])
+    digest = hashlib.sha256("".join(b[5][0] for b in bands).encode()).hexdigest()
+    revisions = [b[5][1] for b in bands]
+    revision = " ".join(revisions) if all(revisions) else None
+    shown = ",".join(os.fspath(b[1]) for b in bands)
+    return _scene(lambda: _open_raster(xml, shown, "check the band files"), shown, shown, xml,
+                  lambda: (digest, revision), bands=None, nodata=nodata)
+
+
+def band_stack_vrt(width: int, height: int, crs: CRS, transform: Sequence[float],
+                   bands: Sequence[tuple[str, str, float | None, tuple[int, int]]]) -> str:
+    """VRT XML of R, G, B bands taken from band 1 of each (GDAL path, dtype, nodata, block shape)."""
+    from xml.sax.saxutils import escape
+
+    a, b, c, d, e, f = transform
+    rows = []
+    for number, ((source, dtype, nodata, (block_h, block_w)), colour) in enumerate(
+            zip(bands, ("Red", "Green", "Blue")), start=1):
+        gdal_type = _GDAL_TYPES[dtype]
+        rows.append(
+            f'<VRTRasterBand dataType="{gdal_type}" band="{number}" blockXSize="{block_w}" blockYSize="{block_h}">'
+            f"<ColorInterp>{colour}</ColorInterp>"
+            + ("" if nodata is None else f"<NoDataValue>{nodata!r}</NoDataValue>")
+            + f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(source)}</SourceFilename>'
+            f"<SourceBand>1</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+            f'<DstRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/></SimpleSource></VRTRasterBand>')
+    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs.to_wkt())}</SRS>'
+            f"<GeoTransform>{c!r}, {a!r}, {b!r}, {f!r}, {d!r}, {e!r}</GeoTransform>{''.join(rows)}</VRTDataset>")
+
+
+#: GDAL data type names of numpy dtypes (VRT bands).
+_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+               "int32": "Int32", "float32": "Float32", "float64": "Float64"}
+
+
+def _scene(opener: Callable[[], rasterio.DatasetReader], shown: Path | str, path: Path | str, source: str | None,
+           fingerprint: Callable[[], tuple[str, str | None]], *, bands: tuple[int, int, int] | None, nodata: float | str | None) -> Scene:
+    """The Scene of the raster `opener()` opens: `shown` in messages, `path` stored, `source` what GDAL opens
+    for a remote or stacked scene, `fingerprint()` its (fingerprint, revision)."""
     if not (nodata is None or nodata == FILE_NODATA or isinstance(nodata, (int, float, np.number))):
         raise RasterError(f"nodata={nodata!r}: give a number, None (ignore the file's nodata value) "
                           f"or {FILE_NODATA!r}")
     with ExitStack() as stack:
-        stack.enter_context(remote_env() if remote else nullcontext())
-        src = stack.enter_context(_open_remote(source, path) if remote else _open_dataset(path))
+        stack.enter_context(remote_env() if source else nullcontext())
+        src = stack.enter_context(opener())
         if src.crs is None or src.transform == Affine.identity():
             raise RasterError(
-                f"{path}: raster has no CRS or geotransform, so tiles cannot be placed on the map; "
+                f"{shown}: raster has no CRS or geotransform, so tiles cannot be placed on the map; "
                 "georeference it first (e.g. gdal_edit.py -a_srs EPSG:XXXX -a_ullr ...) — "
                 "pixel-space search is not supported"
             )
-        rgb, alpha = choose_bands(src, bands, path)
+        rgb, alpha = choose_bands(src, bands, shown)
         if src.block_shapes[0][1] == src.width and max(src.width, src.height) > UNTILED_WARN_SIZE:
             log.warning(
                 "%s is not internally tiled: windowed reads will be slow; convert it with "
-                "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE", path)
+                "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE", shown)
         overridden = nodata != FILE_NODATA
         value = src.nodata if not overridden else None if nodata is None else float(nodata)
         masks = uses_file_masks(src, rgb, overridden)
-        sample, valid = _decimated_sample(src, rgb, path, value, masks)
+        sample, valid = _decimated_sample(src, rgb, shown, value, masks)
         if not valid.any():
-            raise RasterError(f"{path}: every pixel is nodata or masked; nothing to index")
+            raise RasterError(f"{shown}: every pixel is nodata or masked; nothing to index")
         if not overridden and not masks:
-            warn_zero_collar(path, sample, valid)
-        fingerprint, revision = remote_fingerprint(source) if remote else (scene_fingerprint(path), None)
+            warn_zero_collar(shown, sample, valid)
+        scene_fp, revision = fingerprint()
         return Scene(
-            path=path if remote else path.resolve(),
-            fingerprint=fingerprint,
+            path=path,
+            fingerprint=scene_fp,
             width=src.width,
             height=src.height,
             crs_wkt=src.crs.to_wkt(),

@@ -19,6 +19,7 @@ from rsmclip_geo.hits import HIT_COLUMNS, Hit, hits_from_table
 from rsmclip_geo.queries import clean_queries, query_vectors, warn_long_queries, warn_unknown_queries
 from rsmclip_geo.caches import QueryCache
 from rsmclip_geo.raster import read_image
+from rsmclip_geo.stac import in_interval, parse_interval
 from rsmclip_geo.tile_index import IndexHeader, TileIndex
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,17 @@ class SearchParams:
     meets `aoi`, none overlapping a better one of its scene by more than `nms_overlap` of the smaller tile.
 
     `aoi`: a (minlon, minlat, maxlon, maxlat) bbox or "a,b,c,d" string, a shapely geometry (EPSG:4326) or
-    a vector file. `lang`: also average the query over that language's prompt templates. `exact`: score
-    every tile even when the index is large enough for its ANN index. `labels`: tiles marked right or wrong
-    (feedback.Labels): the query is refined with them by `feedback_method` and the judged tiles are left
-    out of the ranking (a search with labels is exact).
+    a vector file. `datetime`: an RFC 3339 interval (open ends `..`) that the STAC datetime of a tile's scene
+    must meet (scenes without one are left out). `lang`: also average the query over that language's prompt
+    templates. `exact`: score every tile even when the index is large enough for its ANN index. `labels`:
+    tiles marked right or wrong (feedback.Labels): the query is refined with them by `feedback_method` and
+    the judged tiles are left out of the ranking (a search with labels is exact).
     """
 
     top_k: int = 10
     threshold: float | None = None
     aoi: object = None
+    datetime: str | None = None
     nms_overlap: float = 0.5
     lang: str | None = None
     exact: bool = False
@@ -62,6 +65,8 @@ class SearchParams:
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise QueryError(f"threshold={self.threshold}: cosine scores lie between -1 and 1", param="threshold",
                              value=self.threshold)
+        if self.datetime is not None:
+            parse_interval(self.datetime)
         if self.feedback_method not in FEEDBACK_METHODS:
             raise QueryError(f"feedback_method={self.feedback_method}: choose one of {', '.join(FEEDBACK_METHODS)}",
                              param="feedback_method", value=self.feedback_method)
@@ -165,7 +170,7 @@ def rank_hits(
     windows = index.windows()
     kept = order[nms_select(windows[order], index.column("scene_fingerprint")[order], top_k, nms_overlap)]
     table = index.table.select(HIT_COLUMNS).take(pa.array(kept, pa.int64()))
-    return hits_from_table(table, scores[kept], query)
+    return hits_from_table(table, scores[kept], query, index.scenes)
 
 
 def ann_rank_hits(
@@ -194,7 +199,7 @@ def ann_rank_hits(
             break
         k = min(len(ann), 2 * k)
     table = header.read_rows(rows[kept], HIT_COLUMNS)
-    return hits_from_table(table, scores[kept], query)
+    return hits_from_table(table, scores[kept], query, header.scenes)
 
 
 def warn_aoi_misses(aoi, geometry: shapely.Geometry, bounds: Sequence[float], where: Path) -> None:
@@ -209,28 +214,49 @@ def warn_aoi_misses(aoi, geometry: shapely.Geometry, bounds: Sequence[float], wh
                 ",".join(f"{v:.6f}" for v in bounds), hint)
 
 
-def _aoi_mask(index: TileIndex, aoi) -> np.ndarray | None:
-    """Tiles intersecting the AOI (None without one); warns when it covers none."""
-    geometry = parse_aoi(aoi)
+def dated_scenes(scenes: dict[str, dict], datetime: str, where: Path) -> list[str]:
+    """Fingerprints of the scenes whose STAC datetime meets the interval; warns when none does."""
+    interval = parse_interval(datetime)
+    kept = [fp for fp, record in scenes.items() if in_interval(record.get("stac", {}).get("datetime"), interval)]
+    if not kept:
+        log.warning("datetime=%s meets no scene of %s (scenes without a STAC datetime never do)", datetime, where)
+    return kept
+
+
+def _both(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    return b if a is None else a if b is None else a & b
+
+
+def _candidate_mask(index: TileIndex, params: SearchParams) -> np.ndarray | None:
+    """Tiles intersecting the AOI and of scenes meeting the datetime interval (None without either); warns
+    when the AOI covers none."""
+    dated = None
+    if params.datetime is not None:
+        dated = np.isin(index.column("scene_fingerprint"), dated_scenes(index.scenes, params.datetime, index.path))
+    geometry = parse_aoi(params.aoi)
     if geometry is None:
-        return None
+        return dated
     tiles = index.geometries()
     mask = shapely.intersects(tiles, geometry)
     if not mask.any():
-        warn_aoi_misses(aoi, geometry, shapely.total_bounds(tiles), index.path)
-    return mask
+        warn_aoi_misses(params.aoi, geometry, shapely.total_bounds(tiles), index.path)
+    return _both(mask, dated)
 
 
-def _ann_aoi_mask(header: IndexHeader, ann, aoi) -> np.ndarray | None:
-    """_aoi_mask over the footprint rings of the index's ANN index."""
-    geometry = parse_aoi(aoi)
+def _ann_candidate_mask(header: IndexHeader, ann, params: SearchParams) -> np.ndarray | None:
+    """_candidate_mask over the footprint rings and scene numbers of the index's ANN index."""
+    dated = None
+    if params.datetime is not None:
+        kept = set(dated_scenes(header.scenes, params.datetime, header.path))
+        dated = np.isin(ann.scenes, [i for i, fp in enumerate(header.scenes) if fp in kept])
+    geometry = parse_aoi(params.aoi)
     if geometry is None:
-        return None
+        return dated
     mask = ann.aoi_mask(geometry)
     if not mask.any():
         bounds = [*ann.rings.min(axis=(0, 1)), *ann.rings.max(axis=(0, 1))]
-        warn_aoi_misses(aoi, geometry, bounds, header.path)
-    return mask
+        warn_aoi_misses(params.aoi, geometry, bounds, header.path)
+    return _both(mask, dated)
 
 
 def open_ann(header: IndexHeader, exact: bool, ann_min_rows: int):
@@ -285,12 +311,12 @@ def search_index(
     hits: list[Hit] = []
     if ann is not None:
         log.info("%s: searching %d tiles with its %s ANN index", header.path, len(header), ann.kind)
-        allowed = _ann_aoi_mask(header, ann, params.aoi)
+        allowed = _ann_candidate_mask(header, ann, params)
         for query, vector in zip(queries, vectors):
             hits += ann_rank_hits(header, ann, vector, query, allowed=allowed, **options)
         return hits, None
     log.info("%s: exact search over %d tiles", index.path, len(index))
-    allowed = _aoi_mask(index, params.aoi)
+    allowed = _candidate_mask(index, params)
     if params.judged:
         vectors, allowed = apply_feedback(index, vectors, params, allowed)
     scores = score_tiles(index, vectors)
@@ -327,7 +353,7 @@ def similar(
     if (tile_id is None) == (image is None):
         raise QueryError("give exactly one example: a tile id (tile_id) or an image chip (image)", param="tile_id")
     params.check()
-    allowed = _aoi_mask(index, params.aoi)
+    allowed = _candidate_mask(index, params)
     if allowed is None:
         allowed = np.ones(len(index), dtype=bool)
     if tile_id is not None:

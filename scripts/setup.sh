@@ -20,9 +20,10 @@ python3 -m venv .venv-runtime
 .venv-runtime/bin/python -m pip install -q -c locks/venv.txt -e ".[dev]"
 
 if ! /usr/bin/python3 -c "import qgis.core, rasterio" >/dev/null 2>&1 || ! command -v qgis_process.bin >/dev/null \
-        || ! command -v nginx >/dev/null; then
+        || ! command -v nginx >/dev/null || ! ls /usr/share/postgresql/*/extension/postgis.control >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q python3-qgis qgis qgis-providers python3-rasterio xvfb xauth nginx-light >/dev/null
+    apt-get install -y -q python3-qgis qgis qgis-providers python3-rasterio xvfb xauth nginx-light \
+        postgresql postgresql-postgis >/dev/null
 fi
 bash tests/qgis/setup_venv.sh .qgis-venv

@@ -1,9 +1,11 @@
 """Real servers on loopback for remote-scene tests and benchmarks: nginx serving a folder (range requests,
-an access log of them, a folder behind basic auth), a proxy that drops connections, and cloud-optimised
-GeoTIFFs made from real scenes."""
+an access log of them, a folder behind basic auth, the same folder behind expiring signed links), a proxy
+that drops connections, and cloud-optimised GeoTIFFs made from real scenes."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import shutil
 import socket
@@ -18,6 +20,8 @@ from rasterio.transform import Affine
 
 #: The user and password of nginx's `private/` folder.
 PRIVATE_USER, PRIVATE_PASSWORD = "analyst", "hunter2-secret"
+#: nginx's secure_link secret of `signed/` links.
+LINK_SECRET = "link-secret"
 
 
 def free_port() -> int:
@@ -59,8 +63,9 @@ def make_cog(source: Path, target: Path, *, blocksize: int = 128, compress: str 
 
 
 class Nginx:
-    """nginx serving `root` on 127.0.0.1 (config, pid and logs under `work`); `private/` needs basic auth.
-    The access log has one line per request: method, URI, status, body bytes sent, Range header."""
+    """nginx serving `root` on 127.0.0.1 (config, pid and logs under `work`); `private/` needs basic auth;
+    `signed/NAME` serves `NAME` to links signed by `signed_url` (secure_link: 403 for a bad signature, 410 once
+    expired). The access log has one line per request: method, URI, status, body bytes sent, Range header."""
 
     def __init__(self, root: Path, work: Path):
         self.root, self.work, self.port = root, work, free_port()
@@ -88,6 +93,13 @@ http {{
             auth_basic "scenes";
             auth_basic_user_file {work / 'htpasswd'};
         }}
+        location /signed/ {{
+            secure_link $arg_sig,$arg_expires;
+            secure_link_md5 "$secure_link_expires$uri {LINK_SECRET}";
+            if ($secure_link = "") {{ return 403; }}
+            if ($secure_link = "0") {{ return 410; }}
+            alias {root}/;
+        }}
     }}
 }}
 """)
@@ -101,6 +113,13 @@ http {{
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
+
+    def signed_url(self, name: str, expires: float) -> str:
+        """A link to `name` through `signed/`, valid until the Unix time `expires` (nginx's secure_link MD5)."""
+        expires = int(expires)
+        digest = hashlib.md5(f"{expires}/signed/{name} {LINK_SECRET}".encode()).digest()
+        sig = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        return f"{self.url('signed/' + name)}?expires={expires}&sig={sig}"
 
     def requests(self, name: str) -> list[tuple[str, int, int, str]]:
         """(method, status, body bytes, Range header) of each logged request for `name`."""

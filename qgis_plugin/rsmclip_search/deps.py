@@ -43,6 +43,8 @@ DEPENDENCIES = (
     Dependency("tokenizers", "tokenizers", "pip install tokenizers"),
     Dependency("pyarrow", "pyarrow", "pip install pyarrow"),
     Dependency("shapely", "shapely", "pip install shapely"),
+    Dependency("pystac", "pystac", "pip install pystac"),
+    Dependency("pystac_client", "pystac-client", "pip install pystac-client"),
 )
 
 

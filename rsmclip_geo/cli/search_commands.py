@@ -134,11 +134,52 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="GPUs per encoder actor (default 1 when the cluster has GPUs, else 0)")
 
 
+def add_stac_options(parser: argparse.ArgumentParser) -> None:
+    from rsmclip_geo.api import DEFAULT_ASSET
+
+    group = parser.add_argument_group("STAC (instead of scenes)")
+    group.add_argument("--stac", metavar="URL",
+                       help="index the items of a STAC API (item search) or of a static catalogue, collection or "
+                            "item JSON (a path or an http URL)")
+    group.add_argument("--collection", help="only items of this collection")
+    group.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"),
+                       help="only items meeting this box (degrees, EPSG:4326)")
+    group.add_argument("--datetime", help="only items of this RFC 3339 interval, e.g. 2023-01-01/2023-06-30 "
+                                          "(open ends ..)")
+    group.add_argument("--asset", default=DEFAULT_ASSET,
+                       help=f"asset to index (default {DEFAULT_ASSET}), or three single-band assets as R,G,B, "
+                            "e.g. red,green,blue or B04,B03,B02")
+    group.add_argument("--max-items", type=int, help="index at most this many items")
+    group.add_argument("--max-cloud", type=float, help="only items with eo:cloud_cover at most this (percent)")
+
+
+#: Values of the STAC filter options when not given.
+STAC_DEFAULTS = dict(collection=None, bbox=None, datetime=None, max_items=None, max_cloud=None)
+
+
+def index_inputs(args: argparse.Namespace) -> list:
+    """What `index` embeds: the scenes given, or the scenes of --stac's items (checked before any work)."""
+    from rsmclip_geo.api import DEFAULT_ASSET, check_outputs, stac_scenes
+
+    filters = {name: getattr(args, name) for name in STAC_DEFAULTS}
+    if not args.stac:
+        if filters != STAC_DEFAULTS or args.asset != DEFAULT_ASSET:
+            raise RsmclipError("--collection, --bbox, --datetime, --asset, --max-items and --max-cloud filter the "
+                               "items of --stac URL; give --stac too")
+        return args.scenes
+    if args.scenes:
+        raise RsmclipError("--stac URL indexes the items of a catalogue: give no scenes with it")
+    check_outputs(tile_index=args.output)  # before the catalogue is searched
+    return stac_scenes(args.stac, asset=args.asset, **filters)
+
+
 def add_search_options(parser: argparse.ArgumentParser, heatmap: bool = True) -> None:
     group = parser.add_argument_group("search")
     group.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
     group.add_argument("--threshold", type=float, help="minimum cosine score")
     group.add_argument("--aoi", help="area of interest: minlon,minlat,maxlon,maxlat (EPSG:4326) or a vector file")
+    group.add_argument("--datetime", help="only tiles of scenes whose STAC datetime meets this RFC 3339 interval, "
+                                          "e.g. 2023-01-01/2023-06-30 (open ends ..)")
     group.add_argument("--nms", type=float, default=0.5,
                        help="drop hits overlapping a better one by more than this fraction of the smaller tile "
                             "(default 0.5; 1 keeps all)")
@@ -221,7 +262,8 @@ def search_params(args: argparse.Namespace, labels=None):
     from rsmclip_geo.api import SearchParams
 
     feedback = {"feedback_method": args.feedback_method} if getattr(args, "feedback_method", None) else {}
-    return SearchParams(top_k=args.top_k, threshold=args.threshold, aoi=args.aoi, nms_overlap=args.nms,
+    return SearchParams(top_k=args.top_k, threshold=args.threshold, aoi=args.aoi,
+                        datetime=getattr(args, "datetime", None), nms_overlap=args.nms,
                         lang=getattr(args, "lang", None), exact=getattr(args, "exact", False), labels=labels,
                         **feedback)
 
@@ -271,13 +313,14 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if args.verify:
         return verify(args)
-    if not args.scenes or not args.output:
+    if not (args.scenes or args.stac) or not args.output:
         raise RsmclipError("index: give one or more scenes and -o OUTPUT (a .parquet file or a directory name), "
-                           "or --verify INDEX")
+                           "--stac URL and -o OUTPUT, or --verify INDEX")
     engine = indexing_engine(args)
     params = tiling_params(args)
+    scenes = index_inputs(args)
     progress = ProgressBar("index", not (args.no_progress or args.quiet))
-    header = build_index(args.scenes, args.output, model=indexing_model(args), tiling=params,
+    header = build_index(scenes, args.output, model=indexing_model(args), tiling=params,
                          bands=bands_option(args), nodata=nodata_option(args), engine=engine,
                          batch_size=args.batch_size, progress=progress, threads=args.threads)
     progress.finish()
@@ -374,6 +417,7 @@ def register(subparsers) -> None:
     p.add_argument("--verify", metavar="INDEX",
                    help="instead of indexing: read every page of INDEX (and INDEX.ann/) and check its checksums, "
                         "embeddings and metadata")
+    add_stac_options(p)
     add_model_options(p)
     add_backend_options(p)
     add_tiling_options(p)

@@ -120,6 +120,7 @@ def test_plugin_registers_and_removes_the_provider(qgis_app):
     assert provider is not None and not provider.icon().isNull()
     assert sorted(a.id() for a in provider.algorithms()) == [
         "rsmclip:change", "rsmclip:feedbacksearch", "rsmclip:heatmap", "rsmclip:index", "rsmclip:similar",
+        "rsmclip:stacindex",
         "rsmclip:textsearch"]
     assert {a.group() for a in provider.algorithms()} == {"Tile search"}
     plugin.unload()

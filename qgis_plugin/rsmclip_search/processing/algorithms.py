@@ -11,6 +11,7 @@ from qgis.core import (
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
@@ -22,12 +23,14 @@ from qgis.core import (
 
 from .. import deps
 from ..layers import raster_source
-from .base import INDEX_FILTER, OUTPUT, Parameters, RsmclipAlgorithm, lonlat_geometries
+from .base import EXTENT, INDEX_FILTER, OUTPUT, WGS84, Parameters, RsmclipAlgorithm, is_unset, lonlat_geometries
 
 INPUT, TILE_SIZE, TILE_UNIT, OVERLAP, SCALES, BANDS = "INPUT", "TILE_SIZE", "TILE_UNIT", "OVERLAP", "SCALES", "BANDS"
 TILES, QUERIES, QUERY, SCENE, TILE_IDS, POINTS = "TILES", "QUERIES", "QUERY", "SCENE", "TILE_IDS", "POINTS"
 LABELS, POSITIVE, NEGATIVE, FEEDBACK_METHOD = "LABELS", "POSITIVE", "NEGATIVE", "FEEDBACK_METHOD"
 BEFORE, AFTER, DIRECTION = "BEFORE", "AFTER", "DIRECTION"
+STAC, COLLECTION, DATETIME, ASSET = "STAC", "COLLECTION", "DATETIME", "ASSET"
+MAX_ITEMS, MAX_CLOUD = "MAX_ITEMS", "MAX_CLOUD"
 TILE_UNITS = ("pixels", "metres")
 LABELS_FILTER = "Labels (*.geojson *.json);;All files (*.*)"
 
@@ -57,6 +60,10 @@ class IndexAlgorithm(RsmclipAlgorithm):
 
     def add_parameters(self) -> None:
         self.addParameter(QgsProcessingParameterMultipleLayers(INPUT, "Raster layers", QgsProcessing.TypeRaster))
+        self.add_tiling_parameters()
+
+    def add_tiling_parameters(self) -> None:
+        """TILE_SIZE, TILE_UNIT, OVERLAP, SCALES, BANDS, the OUTPUT index and the TILES count."""
         self.addParameter(QgsProcessingParameterNumber(TILE_SIZE, "Tile size",
                                                        QgsProcessingParameterNumber.Double, defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum(TILE_UNIT, "Tile size unit", list(TILE_UNITS), defaultValue=0))
@@ -70,12 +77,16 @@ class IndexAlgorithm(RsmclipAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(TILES, "Tiles indexed"))
 
     def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from rsmclip_geo.api import TilingParams, build_index, load_model
-
         layers = self.parameterAsLayerList(parameters, INPUT, context)
         if not layers:
             raise self.fail(INPUT, "choose at least one raster layer")
-        scenes = [self.raster_path(layer) for layer in layers]
+        return self.build(parameters, context, feedback, [self.raster_path(layer) for layer in layers])
+
+    def build(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+              scenes: list) -> dict:
+        """api.build_index of `scenes` with the tiling parameters into OUTPUT."""
+        from rsmclip_geo.api import TilingParams, build_index, load_model
+
         size = self.parameterAsDouble(parameters, TILE_SIZE, context)
         if size == 0:
             size_given = {}
@@ -113,6 +124,52 @@ class IndexAlgorithm(RsmclipAlgorithm):
         if len(parts) != 3 or not all(part.isdigit() for part in parts):
             raise self.fail(BANDS, f"{text} is not three band numbers R,G,B; give e.g. 3,2,1")
         return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+class StacIndexAlgorithm(IndexAlgorithm):
+    """The items of a STAC API or static catalogue -> one GeoParquet tile index: api.stac_scenes, api.build_index."""
+
+    NAME = "stacindex"
+    DISPLAY_NAME = "Index a STAC catalogue"
+    HELP = ("Indexes the items of a STAC API (item search) or of a static catalogue, collection or item JSON (a URL "
+            "or a file), as <code>rsmclip-geo index --stac</code> does: items of the collection, meeting the extent "
+            "(any CRS, e.g. the map canvas) and the datetime interval (RFC 3339, e.g. 2023-01-01/2023-06-30, open "
+            "ends ..), with cloud cover at most the maximum, at most the number of items (0: all). The asset is one "
+            "RGB asset (visual) or three single-band assets R,G,B (red,green,blue or B04,B03,B02), read remotely. "
+            "The index keeps each scene's item id, collection, datetime and asset link; hits carry them.")
+    WORDS = {**IndexAlgorithm.WORDS, "bbox": EXTENT}
+
+    def add_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterString(STAC, "STAC API or catalogue (URL or file)"))
+        self.addParameter(QgsProcessingParameterString(COLLECTION, "Collection", optional=True))
+        self.addParameter(QgsProcessingParameterExtent(EXTENT, "Extent", optional=True))
+        self.addParameter(QgsProcessingParameterString(DATETIME, "Datetime interval", optional=True))
+        self.addParameter(QgsProcessingParameterString(ASSET, "Asset (or R,G,B assets)", defaultValue=default_asset()))
+        self.addParameter(QgsProcessingParameterNumber(MAX_ITEMS, "Maximum items (0: all)",
+                                                       QgsProcessingParameterNumber.Integer, defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber(MAX_CLOUD, "Maximum cloud cover (%)",
+                                                       QgsProcessingParameterNumber.Double, optional=True))
+        self.add_tiling_parameters()
+
+    def process(self, parameters: Parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from rsmclip_geo.api import check_outputs, stac_scenes
+
+        check_outputs(tile_index=self.parameterAsFileOutput(parameters, OUTPUT, context))  # before the search
+        bbox = None
+        if not is_unset(parameters.get(EXTENT)):
+            box = self.parameterAsExtent(parameters, EXTENT, context, WGS84)
+            bbox = [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()]
+        max_cloud = None if is_unset(parameters.get(MAX_CLOUD)) else self.parameterAsDouble(parameters, MAX_CLOUD,
+                                                                                             context)
+        text = {name: self.parameterAsString(parameters, name, context).strip() or None
+                for name in (STAC, COLLECTION, DATETIME, ASSET)}
+        if text[STAC] is None:
+            raise self.fail(STAC, "give the URL or file of a STAC API, catalogue, collection or item")
+        max_items = self.parameterAsInt(parameters, MAX_ITEMS, context) or None
+        scenes = stac_scenes(text[STAC], collection=text[COLLECTION], bbox=bbox, datetime=text[DATETIME],
+                             asset=text[ASSET] or "", max_items=max_items, max_cloud=max_cloud)
+        feedback.pushInfo(f"{text[STAC]}: {len(scenes)} item(s): {', '.join(s.item_id for s in scenes)}")
+        return self.build(parameters, context, feedback, scenes)
 
 
 class TextSearchAlgorithm(RsmclipAlgorithm):
@@ -203,6 +260,15 @@ class SimilarAlgorithm(RsmclipAlgorithm):
                                             f"{index.path}; put the points on indexed tiles")
                 found.append(tile_ids[0])
         return found
+
+
+def default_asset() -> str:
+    """The core's default STAC asset; empty when the core cannot be imported (the algorithm then refuses to run)."""
+    if deps.missing_dependencies():
+        return ""
+    from rsmclip_geo.api import DEFAULT_ASSET
+
+    return DEFAULT_ASSET
 
 
 def feedback_methods() -> tuple[tuple[str, ...], int]:
@@ -352,3 +418,5 @@ class ChangeAlgorithm(RsmclipAlgorithm):
 
 ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm, HeatmapAlgorithm,
               ChangeAlgorithm)
+ALGORITHMS = (IndexAlgorithm, StacIndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm,
+              HeatmapAlgorithm)
