@@ -7,7 +7,9 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 
+from rsmclip_geo.errors import RsmclipError
 from training import data as D
 from training.free_text import FREE_TEXT_PATH, load_free_text
 
@@ -65,8 +67,9 @@ def test_no_description_contains_a_name_of_its_relevant_classes(lang: str) -> No
 
 
 def test_a_description_without_a_language_is_refused(tmp_path: Path) -> None:
+    raw = yaml.safe_load(FREE_TEXT_PATH.read_text(encoding="utf-8"))
+    del raw["descriptions"]["jets_at_terminal"]["ko"]
     path = tmp_path / "free_text.yaml"
-    path.write_text(FREE_TEXT_PATH.read_text(encoding="utf-8").replace("    ko: 터미널 옆 계류장에 서 있는 제트기들\n", ""),
-                    encoding="utf-8")
-    with pytest.raises(Exception, match=r"jets_at_terminal has no text in ko"):
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(RsmclipError, match=r"descriptions.jets_at_terminal has no text in ko"):
         load_free_text(path)
