@@ -16,11 +16,13 @@ FREE_TEXT_PATH = REPO_ROOT / "training" / "vocab" / "free_text.yaml"
 
 @dataclass(frozen=True)
 class FreeTextQuery:
-    """One meaning: its id, the relevant ``dataset/Class`` keys and its text per language."""
+    """One meaning: its id, the relevant ``dataset/Class`` keys, the ambiguous ones (tiles left out of its
+    ranking) and its text per language."""
 
     id: str
     relevant: tuple[str, ...]
     texts: dict[str, str]
+    ambiguous: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,15 @@ def load_free_text(path: Path = FREE_TEXT_PATH) -> FreeTextSet:
     queries = []
     for query_id, spec in raw["descriptions"].items():
         relevant = spec.get("relevant") if isinstance(spec, dict) else None
-        if not relevant or not all(isinstance(key, str) and key.count("/") == 1 for key in relevant):
-            raise RsmclipError(f"free-text file {path}: descriptions.{query_id}.relevant must list dataset/Class keys")
+        ambiguous = (spec.get("ambiguous") or []) if isinstance(spec, dict) else []
+        if not relevant or not all(isinstance(key, str) and key.count("/") == 1 for key in relevant + ambiguous):
+            raise RsmclipError(f"free-text file {path}: descriptions.{query_id}.relevant and .ambiguous must list "
+                               "dataset/Class keys")
         missing = [lang for lang in languages if not isinstance(spec.get(lang), str) or not spec[lang].strip()]
         if missing:
             raise RsmclipError(f"free-text file {path}: descriptions.{query_id} has no text in {', '.join(missing)}")
-        queries.append(FreeTextQuery(str(query_id), tuple(relevant), {lang: spec[lang] for lang in languages}))
+        queries.append(FreeTextQuery(str(query_id), tuple(relevant), {lang: spec[lang] for lang in languages},
+                                     tuple(ambiguous)))
     exceptions = [NameException(str(e["id"]), str(e["lang"]), str(e["name"]), str(e["why"]))
                   for e in raw.get("name_exceptions") or []]
     return FreeTextSet(languages=languages, queries=queries, name_exceptions=exceptions)

@@ -40,15 +40,16 @@ def test_every_language_has_every_description_and_enough_of_them() -> None:
         assert len(set(query.texts.values())) == len(LANGUAGES), f"{query.id}: two languages share a text"
 
 
-def test_relevant_classes_are_class_folders_and_cover_the_four_data_sets(shared_data: Path) -> None:
+def test_relevant_and_ambiguous_classes_are_class_folders_and_cover_the_four_data_sets(shared_data: Path) -> None:
     free_text = load_free_text()
     folders = {dataset: set(D.list_class_folders(shared_data / dataset)) for dataset in DATASETS}
     covered = set()
     for query in free_text.queries:
-        for key in query.relevant:
+        assert not set(query.relevant) & set(query.ambiguous), query.id
+        for key in query.relevant + query.ambiguous:
             dataset, class_name = key.split("/")
             assert class_name in folders.get(dataset, set()), f"{query.id}: {key} is no class folder"
-            covered.add(key)
+        covered.update(query.relevant)
     assert {key.split("/")[0] for key in covered} == set(DATASETS)
     assert len(covered) >= 40
 
