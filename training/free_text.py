@@ -37,6 +37,8 @@ class NameException:
 
 @dataclass(frozen=True)
 class FreeTextSet:
+    """The whole file: its languages, the queries in file order and the allowed class-name exceptions."""
+
     languages: list[str]
     queries: list[FreeTextQuery]
     name_exceptions: list[NameException]
@@ -48,7 +50,8 @@ def load_free_text(path: Path = FREE_TEXT_PATH) -> FreeTextSet:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise RsmclipError(f"free-text file {path} cannot be read ({one_line(exc)}); pass a YAML file with 'descriptions'") from exc
+        raise RsmclipError(f"free-text file {path} cannot be read ({one_line(exc)}); "
+                           "pass a YAML file with 'descriptions'") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("descriptions"), dict):
         raise RsmclipError(f"free-text file {path} has no 'descriptions' mapping; see its header for the schema")
     languages = [str(lang) for lang in raw.get("languages") or []]
