@@ -337,6 +337,7 @@ class MultiCropConfig:
     global_size: int
     local_size: int
     n_local: int = 6
+    n_global: int = 2
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     flips: bool = True
@@ -364,7 +365,7 @@ def random_resized_crop_box(
 
 
 class MultiCropAugment:
-    """PIL image -> 2 global views [2,3,G,G] and ``n_local`` local views [N,3,L,L], normalised."""
+    """PIL image -> ``n_global`` global views [G,3,S,S] and ``n_local`` local views [N,3,L,L], normalised."""
 
     def __init__(self, config: MultiCropConfig) -> None:
         self.config = config
@@ -392,7 +393,8 @@ class MultiCropAugment:
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        global_views = torch.stack([self._view(image, cfg.global_size, cfg.global_scale, rng) for _ in range(2)])
+        global_views = torch.stack([self._view(image, cfg.global_size, cfg.global_scale, rng)
+                                    for _ in range(cfg.n_global)])
         if cfg.n_local:
             local_views = torch.stack(
                 [self._view(image, cfg.local_size, cfg.local_scale, rng) for _ in range(cfg.n_local)]

@@ -88,6 +88,7 @@ class SelfDistillationLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
 
     def forward(
         self,
@@ -111,18 +112,31 @@ class SelfDistillationLoss(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, teacher_views: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
-        """Centred, sharpened teacher distributions (the distillation targets)."""
+        """Centred, sharpened teacher distributions (the distillation targets).
+
+        The centre starts as the first batch's mean teacher output: a centre of zeros would leave the
+        outputs' shared component in the first targets, which then sharpen onto one prototype that
+        the student already predicts, and the loss would climb while the running centre catches up.
+        """
+        if not bool(self.center_ready):
+            self.center.copy_(self._batch_mean(torch.cat(teacher_views)))
+            self.center_ready.fill_(True)
         return [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_views]
 
     @torch.no_grad()
     def update_center(self, teacher_outputs: torch.Tensor) -> None:
         """centre <- m * centre + (1 - m) * mean of the teacher outputs (over all ranks)."""
+        self.center.mul_(self.center_momentum).add_(self._batch_mean(teacher_outputs), alpha=1.0 - self.center_momentum)
+
+    @staticmethod
+    def _batch_mean(teacher_outputs: torch.Tensor) -> torch.Tensor:
+        """Mean teacher output over the batch of every rank, [1, K]."""
         batch_sum = teacher_outputs.float().sum(dim=0, keepdim=True)
         count = torch.tensor(float(teacher_outputs.shape[0]), device=teacher_outputs.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1.0 - self.center_momentum)
+        return batch_sum / count
 
 
 @torch.no_grad()

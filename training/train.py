@@ -564,6 +564,7 @@ class Trainer:
             self.student.head.load_state_dict(state["head"])
             self.teacher.load_state_dict(state["teacher"])
             self.distill_loss.center.copy_(state["center"])
+            self.distill_loss.center_ready.fill_(True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

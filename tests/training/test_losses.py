@@ -46,6 +46,7 @@ def test_clip_loss_is_symmetric_mean_of_both_directions():
 
 def test_distillation_loss_known_value_and_skips_same_view():
     loss_fn = SelfDistillationLoss(2, student_temp=1.0, center_momentum=0.9)
+    loss_fn.center_ready.fill_(True)  # centre of zeros
     uniform_teacher = torch.zeros(1, 2)  # softmax -> [0.5, 0.5]
     student = torch.tensor([[0.0, math.log(3.0)]])  # softmax -> [1/4, 3/4]
     expected = 0.5 * (math.log(4) + math.log(4 / 3))
@@ -60,6 +61,7 @@ def test_distillation_loss_known_value_and_skips_same_view():
 
 def test_distillation_loss_uses_centre_and_teacher_temperature():
     loss_fn = SelfDistillationLoss(2, student_temp=1.0)
+    loss_fn.center_ready.fill_(True)  # centre of zeros
     teacher = torch.tensor([[1.0, 0.0]])
     student = torch.tensor([[0.0, 0.0]])  # uniform student: CE = log 2 whatever the target
     assert loss_fn([student, student], [teacher], 0.5).item() == pytest.approx(math.log(2))
@@ -69,6 +71,17 @@ def test_distillation_loss_uses_centre_and_teacher_temperature():
     # a centre equal to the teacher output makes the target uniform
     loss_fn.center.copy_(teacher)
     assert loss_fn([student, student], [teacher], 0.01).item() == pytest.approx(0.5 * (math.log(4) + math.log(4 / 3)))
+
+
+def test_centre_starts_at_the_first_batch_mean():
+    """Targets of the first step are centred like every later one: the outputs' shared part is not a target."""
+    loss_fn = SelfDistillationLoss(3, student_temp=1.0)
+    teacher = torch.tensor([[5.0, 1.0, 0.0], [5.0, 0.0, 1.0]])  # shared peak on prototype 0
+    target = loss_fn.teacher_targets([teacher], teacher_temp=0.01)[0]
+    torch.testing.assert_close(loss_fn.center, torch.tensor([[5.0, 0.5, 0.5]]))
+    torch.testing.assert_close(target, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    loss_fn.teacher_targets([torch.zeros(1, 3)], teacher_temp=0.01)  # later batches leave the centre to the EMA
+    torch.testing.assert_close(loss_fn.center, torch.tensor([[5.0, 0.5, 0.5]]))
 
 
 def test_centre_update_is_an_ema_of_batch_means():
