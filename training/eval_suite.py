@@ -56,7 +56,8 @@ def load_suite(path: Path) -> dict[str, Any]:
         raise RsmclipError(f"--suite {path} has unknown key {unknown[0]!r}; use {', '.join(sorted(SUITE_KEYS))}")
     for key in ("zero_shot", "captions"):
         if not isinstance(raw.get(key) or {}, dict):
-            raise RsmclipError(f"--suite {path}: {key} must map data set folders to files")
+            raise RsmclipError(f"--suite {path}: {key} must map data set folders to files (a zero-shot data set "
+                               "without a vocabulary: null, its English class names)")
     return {"languages": list(raw.get("languages") or D.LANGUAGES), "data_root": raw.get("data_root", "../shared/data"),
             "split": raw.get("split", "val"), "prompts": raw.get("prompts", "heldout"),
             "zero_shot": raw.get("zero_shot") or {}, "captions": raw.get("captions") or {},
@@ -71,7 +72,7 @@ def run_suite(encoder: Encoder, suite: dict[str, Any], data_root: Path,
     split = suite["split"]
     zero_shot = {}
     for name, vocabulary in suite["zero_shot"].items():
-        result = evaluate_data(cached, data_root / name, languages, vocabulary=D.resolve_path(vocabulary),
+        result = evaluate_data(cached, data_root / name, languages, vocabulary=D.resolve_path(vocabulary) if vocabulary else None,
                                split=split, prompt_part=suite["prompts"])
         result.pop("confusion")
         zero_shot[name] = result
