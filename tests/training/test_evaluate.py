@@ -350,3 +350,24 @@ def test_suite_encodes_each_image_once_and_writes_one_json(tiny_bundle, data_roo
     assert set(report["free_text"]["per_language"]) == {"en", "zh"} and report["model"] == str(tiny_bundle)
     assert "aid " in result.stdout and "mean recall" in result.stdout and "zh " in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["free.yaml", "suite.json", "suite.yaml"]
+
+
+def test_suite_gives_the_same_numbers_for_a_checkpoint_and_its_bundle(tiny_model, exported_bundle, data_root,
+                                                                      tmp_path):
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump({
+        "languages": ["en", "zh"], "zero_shot": {"aid": str(REPO / "training" / "vocab" / "aid_classes.yaml")},
+        "captions": {"ucm": "captions.csv"}, "free_text": str(write_free_text(tmp_path / "free.yaml", FREE_TEXT)),
+    }), encoding="utf-8")
+    suite = load_suite(suite_path)
+    a = run_suite(TorchEncoder(create_model(None, checkpoint=tiny_model.checkpoint)), suite, data_root)
+    b = run_suite(BundleEncoder(exported_bundle), suite, data_root)
+    assert a["n_images_encoded"] == b["n_images_encoded"] == 30
+    # one of 20 zero-shot predictions, one of 10 tiles of one description may flip on a near tie
+    for name, top1 in a["summary"]["zero_shot_mean_top1"].items():
+        assert abs(top1 - b["summary"]["zero_shot_mean_top1"][name]) <= 100 / 20 + 1e-9
+    for lang, value in a["summary"]["free_text_P@10"].items():
+        assert abs(value - b["summary"]["free_text_P@10"][lang]) <= 0.1 / 3 + 1e-9
+    assert a["caption_retrieval"]["ucm"]["n_captions"] == b["caption_retrieval"]["ucm"]["n_captions"] == 50
+    # one caption ranked on the other side of a near tie moves one of the six recalls by 100 / 50
+    assert abs(a["summary"]["caption_mean_recall"]["ucm"] - b["summary"]["caption_mean_recall"]["ucm"]) <= 100 / 50 / 6 + 1e-9
