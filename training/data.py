@@ -337,7 +337,8 @@ def read_caption_csv(path: Path) -> dict[str, list[str]]:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise RsmclipError(f"--captions {path} cannot be read ({one_line(exc)}); pass a CSV with an image,caption header") from exc
+        raise RsmclipError(f"--captions {path} cannot be read ({one_line(exc)}); "
+                           "pass a CSV with an image,caption header") from exc
     if not rows or [c.strip() for c in rows[0]] != ["image", "caption"]:
         raise RsmclipError(f"--captions {path} does not start with an image,caption header; pass a caption CSV")
     captions: dict[str, list[str]] = {}

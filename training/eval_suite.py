@@ -72,8 +72,8 @@ def run_suite(encoder: Encoder, suite: dict[str, Any], data_root: Path,
     split = suite["split"]
     zero_shot = {}
     for name, vocabulary in suite["zero_shot"].items():
-        result = evaluate_data(cached, data_root / name, languages, vocabulary=D.resolve_path(vocabulary) if vocabulary else None,
-                               split=split, prompt_part=suite["prompts"])
+        result = evaluate_data(cached, data_root / name, languages, split=split, prompt_part=suite["prompts"],
+                               vocabulary=D.resolve_path(vocabulary) if vocabulary else None)
         result.pop("confusion")
         zero_shot[name] = result
     captions = {name: evaluate_caption_csv(cached, data_root / name / csv_name, data_root / name, split=split)

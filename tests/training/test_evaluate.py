@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -272,7 +271,8 @@ def write_free_text(path: Path, descriptions: dict[str, dict]) -> Path:
 
 
 FREE_TEXT = {
-    "sand_and_sea": {"relevant": ["aid/Beach", "ucm/beach"], "en": "waves on sand by the sea", "zh": "海边沙滩上的海浪"},
+    "sand_and_sea": {"relevant": ["aid/Beach", "ucm/beach"], "en": "waves on sand by the sea",
+                     "zh": "海边沙滩上的海浪"},
     "trees_only": {"relevant": ["aid/Forest"], "ambiguous": ["aid/Beach", "ucm/airplane", "ucm/beach"],
                    "en": "tree crowns close together", "zh": "紧挨在一起的树冠"},
     "anything": {"relevant": ["aid/Beach", "aid/Forest", "ucm/airplane", "ucm/beach"],
@@ -315,7 +315,8 @@ def test_free_text_refuses_unknown_classes(description, message, tiny_bundle, da
 
 
 def test_free_text_refuses_a_description_with_fewer_than_10_relevant_images(tiny_bundle, data_root, tmp_path):
-    free = write_free_text(tmp_path / "free.yaml", {**FREE_TEXT, "few": {"relevant": ["ucm/beach"], "en": "x", "zh": "y"}})
+    few = {"relevant": ["ucm/beach"], "en": "x", "zh": "y"}
+    free = write_free_text(tmp_path / "free.yaml", {**FREE_TEXT, "few": few})
     out = tmp_path / "out.json"
     result = subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--model", str(tiny_bundle), "--free-text", str(free),
@@ -370,4 +371,5 @@ def test_suite_gives_the_same_numbers_for_a_checkpoint_and_its_bundle(tiny_model
         assert abs(value - b["summary"]["free_text_P@10"][lang]) <= 0.1 / 3 + 1e-9
     assert a["caption_retrieval"]["ucm"]["n_captions"] == b["caption_retrieval"]["ucm"]["n_captions"] == 50
     # one caption ranked on the other side of a near tie moves one of the six recalls by 100 / 50
-    assert abs(a["summary"]["caption_mean_recall"]["ucm"] - b["summary"]["caption_mean_recall"]["ucm"]) <= 100 / 50 / 6 + 1e-9
+    recall_a, recall_b = a["summary"]["caption_mean_recall"]["ucm"], b["summary"]["caption_mean_recall"]["ucm"]
+    assert abs(recall_a - recall_b) <= 100 / 50 / 6 + 1e-9
