@@ -5,6 +5,8 @@ Sources
   ``filename``, ``split`` and ``sentences[].raw`` (``sentid`` optional).
 * NWPU-Captions JSON: ``{category: [{filename, split, raw, raw_1, ..., raw_4}]}``, images under
   ``images_dir/category/filename``.
+* Caption CSV (UCM-Captions as in ../shared/data/ucm/captions.csv): rows ``image,caption`` with
+  ``image`` relative to a class-folder root, several English captions per image.
 * Translation sidecars: JSONL lines ``{"image", "sentid", "lang", "text"}`` (what
   ``training.translate`` writes), merged into the captions of the matching image.
 * Class folders (``root/<Class>/*.jpg``), captioned from a vocabulary file (names x templates per
@@ -17,6 +19,7 @@ of data-loader workers.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -324,6 +327,42 @@ def caption_items(
         raise RsmclipError(
             f"caption file {captions_json} has no captions for splits {','.join(splits)} in {','.join(languages)}"
         )
+    return items
+
+
+def read_caption_csv(path: Path) -> dict[str, list[str]]:
+    """Captions of a CSV with an ``image,caption`` header: {image path as written: [captions in file order]}."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RsmclipError(f"--captions {path} cannot be read ({one_line(exc)}); "
+                           "pass a CSV with an image,caption header") from exc
+    if not rows or [c.strip() for c in rows[0]] != ["image", "caption"]:
+        raise RsmclipError(f"--captions {path} does not start with an image,caption header; pass a caption CSV")
+    captions: dict[str, list[str]] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise RsmclipError(f"--captions {path} line {line} is not an image,caption row; fix or delete that line")
+        captions.setdefault(row[0].strip(), []).append(row[1].strip())
+    return captions
+
+
+def caption_csv_items(captions_csv: Path, root: Path, pairs: Sequence[tuple[Path, str]]) -> list[CaptionedImage]:
+    """The (image, class) pairs of a class folder ``root`` that have captions in ``captions_csv`` (English),
+    in the order of ``pairs``; a caption of an image that is not in ``root`` is refused."""
+    captions = read_caption_csv(captions_csv)
+    root = Path(root)
+    unknown = [image for image in captions if not (root / image).is_file()]
+    if unknown:
+        raise RsmclipError(f"--captions {captions_csv} names {len(unknown)} images that are not in {root} "
+                           f"(e.g. {unknown[0]}); pass the class-folder root of the captions with --data")
+    items = []
+    for path, label in pairs:
+        texts = captions.get(path.relative_to(root).as_posix())
+        if texts:
+            items.append(CaptionedImage(image=path, captions={"en": texts}, label=label))
     return items
 
 

@@ -4,12 +4,20 @@
         --vocabulary training/vocab/aid_classes.yaml --langs en,pt,zh -o eval.json
     python -m training.evaluate --model path/to/bundle --data dataset_rsicd.json --images RSICD_images \\
         --translations rsicd.translations.jsonl --langs en,pt -o eval.json
+    python -m training.evaluate --model path/to/bundle --data ../shared/data/ucm \
+        --captions ../shared/data/ucm/captions.csv -o ucm.json
+    python -m training.evaluate --model path/to/bundle --free-text training/vocab/free_text.yaml \
+        --data-root ../shared/data --langs en,zh -o free_text.json
+    python -m training.evaluate --model path/to/bundle --suite training/configs/eval-suite.yaml -o suite.json
 
 Caption data gives image->text and text->image R@1/5/10 and mean recall per language; a class
 folder gives zero-shot top-1 per language (class embedding = mean over its prompts, i.e. a
 template x name ensemble) plus a confusion matrix per language (``OUT.confusion-LANG.csv`` /
 ``.png``). A torch checkpoint and the bundle exported from it give the same numbers within the
-export's tolerance: both score the same images and texts, only the encoders differ.
+export's tolerance: both score the same images and texts, only the encoders differ. A caption CSV
+(``image,caption``, image relative to the class folder) gives English retrieval recall over the captioned
+images of the split; free-text descriptions give P@10 per language and description over the split of
+every data set they name; a suite (training/eval_suite.py) runs all of these at once.
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from PIL import Image, ImageDraw
 from rsmclip_geo.errors import RsmclipError
 from rsmclip_geo.files import publish, temp_file
 from training import data as D
+from training.free_text import FreeTextSet, load_free_text
 
 RECALL_KS = (1, 5, 10)
+FREE_TEXT_K = 10
 
 
 class Encoder(Protocol):
@@ -192,6 +202,22 @@ def zero_shot_class_folder(
             "mean_top1": float(np.mean(scored)) if scored else None, "confusion": matrices}
 
 
+def precision_at_k(scores: np.ndarray, relevant: np.ndarray, k: int, left_out: np.ndarray | None = None) -> np.ndarray:
+    """P@k per query from [n_queries, n_pool] scores and a boolean ``relevant`` mask of the same shape:
+    the share of relevant items among a query's ``k`` best, after dropping its ``left_out`` items.
+    Ties are broken pessimistically (a relevant item tied with an irrelevant one ranks after it)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    relevant = np.asarray(relevant, dtype=bool)
+    if scores.shape != relevant.shape or (left_out is not None and np.shape(left_out) != scores.shape):
+        raise ValueError("scores, relevant and left_out must have the same shape")
+    out = np.empty(len(scores))
+    for q in range(len(scores)):
+        kept = np.ones(scores.shape[1], bool) if left_out is None else ~np.asarray(left_out[q], bool)
+        order = np.lexsort((relevant[q][kept], -scores[q][kept]))  # by score, irrelevant first on ties
+        out[q] = relevant[q][kept][order[:k]].sum() / k
+    return out
+
+
 def retrieval_captions(encoder: Encoder, items: Sequence[D.CaptionedImage], languages: Sequence[str]) -> dict:
     """Retrieval metrics per language over captioned images (each language scored on its own texts)."""
     image_emb = encoder.encode_image_files([item.image for item in items])
@@ -209,6 +235,74 @@ def retrieval_captions(encoder: Encoder, items: Sequence[D.CaptionedImage], lang
         per_lang[lang] = {**metrics, "n_images": len(items), "n_texts": len(texts)}
     scored = [v["mean_recall"] for v in per_lang.values() if "mean_recall" in v]
     return {"per_language": per_lang, "mean_recall": float(np.mean(scored)) if scored else None}
+
+
+def evaluate_caption_csv(encoder: Encoder, captions_csv: Path, root: Path, *, split: str = "val") -> dict[str, Any]:
+    """Text->image and image->text recall over the captioned images of one split of a class folder."""
+    if split not in ("train", "val"):
+        raise RsmclipError(f"--split {split!r} is not a class-folder split; use val or train")
+    items = D.caption_csv_items(captions_csv, root, D.split_class_folder(root)[split])
+    if not items:
+        raise RsmclipError(f"--captions {captions_csv} has no caption of a {split} image of {root}; "
+                           "pass the class-folder root of the captions with --data")
+    result = retrieval_captions(encoder, items, ["en"])["per_language"]["en"]
+    return {"task": "caption_retrieval", "data": str(root), "captions": str(captions_csv), "split": split,
+            "n_images": result.pop("n_images"), "n_captions": result.pop("n_texts"), **result}
+
+
+def free_text_pool(free_text: FreeTextSet, data_root: Path, split: str) -> list[tuple[Path, str]]:
+    """(image, "dataset/Class") of the ``split`` of every data set a description names; unknown keys are refused."""
+    keys = {key for query in free_text.queries for key in query.relevant + query.ambiguous}
+    pool: list[tuple[Path, str]] = []
+    for dataset in sorted({key.split("/")[0] for key in keys}):
+        folder = Path(data_root) / dataset
+        if not folder.is_dir():
+            raise RsmclipError(f"--data-root {data_root} has no data set {dataset!r} (named by the free-text "
+                               f"descriptions); pass the folder that holds {dataset}/")
+        pool += [(path, f"{dataset}/{label}") for path, label in D.split_class_folder(folder)[split]]
+    classes = {label for _, label in pool}
+    for query in free_text.queries:
+        unknown = [key for key in query.relevant + query.ambiguous if key not in classes]
+        if unknown:
+            raise RsmclipError(f"--free-text: description {query.id!r} names {unknown[0]!r}, which is not a class "
+                               f"folder under {data_root}; fix the dataset/Class key")
+    return pool
+
+
+def evaluate_free_text(
+    encoder: Encoder, free_text_path: Path, data_root: Path, languages: Sequence[str], *, split: str = "val",
+) -> dict[str, Any]:
+    """P@10 of each free-text description per language, ranking the ``split`` images of the named data sets."""
+    free_text = load_free_text(free_text_path)
+    missing = [lang for lang in languages if lang not in free_text.languages]
+    if missing:
+        raise RsmclipError(f"--free-text {free_text_path} has no descriptions in {', '.join(missing)}; "
+                           f"use languages of {', '.join(free_text.languages)}")
+    pool = free_text_pool(free_text, data_root, split)
+    labels = np.array([label for _, label in pool])
+    relevant = np.stack([np.isin(labels, query.relevant) for query in free_text.queries])
+    left_out = np.stack([np.isin(labels, query.ambiguous) for query in free_text.queries])
+    for query, n in zip(free_text.queries, relevant.sum(axis=1)):
+        if n < FREE_TEXT_K:
+            raise RsmclipError(f"--free-text: description {query.id!r} has {n} relevant {split} images under "
+                               f"{data_root}, fewer than {FREE_TEXT_K}; list more classes or drop it")
+    image_emb = encoder.encode_image_files([path for path, _ in pool])
+    per_description: dict[str, Any] = {
+        query.id: {"relevant": list(query.relevant), "n_relevant": int(n), "n_left_out": int(m), "P@10": {}}
+        for query, n, m in zip(free_text.queries, relevant.sum(axis=1), left_out.sum(axis=1))
+    }
+    per_lang = {}
+    for lang in languages:
+        text_emb = encoder.encode_texts([query.texts[lang] for query in free_text.queries])
+        precision = precision_at_k(text_emb @ image_emb.T, relevant, FREE_TEXT_K, left_out)
+        for query, value in zip(free_text.queries, precision):
+            per_description[query.id]["P@10"][lang] = float(value)
+        per_lang[lang] = {"P@10": float(precision.mean()), "n_descriptions": len(free_text.queries)}
+    datasets = sorted({label.split("/")[0] for label in labels})
+    return {"task": "free_text", "free_text": str(free_text_path), "data_root": str(data_root), "split": split,
+            "pool": {d: int(sum(label.startswith(f"{d}/") for label in labels)) for d in datasets},
+            "per_language": per_lang, "mean_P@10": float(np.mean([v["P@10"] for v in per_lang.values()])),
+            "per_description": per_description}
 
 
 def evaluate_data(
@@ -335,12 +429,21 @@ def write_results(output: Path, result: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="torch checkpoint (.pt) or bundle directory")
-    parser.add_argument("--data", required=True, type=Path, help="caption JSON (with --images) or class folder")
+    parser.add_argument("--data", type=Path, default=None, help="caption JSON (with --images) or class folder")
     parser.add_argument("--images", type=Path, default=None, help="image directory of a caption JSON")
     parser.add_argument("--translations", type=Path, action="append", default=[],
                         help="translation sidecar JSONL (repeatable)")
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="caption CSV (image,caption; image relative to the class folder --data): retrieval "
+                             "over the captioned images of the split")
+    parser.add_argument("--free-text", type=Path, default=None,
+                        help="free-text descriptions YAML: P@10 per language over the split of its data sets")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder with one folder per data set, for --free-text and --suite (default ../shared/data)")
+    parser.add_argument("--suite", type=Path, default=None,
+                        help="suite YAML (training/configs/eval-suite.yaml): every task of it in one JSON")
     parser.add_argument("--vocabulary", type=Path, default=None, help="class vocabulary YAML for class folders")
-    parser.add_argument("--langs", default="en", help="comma-separated languages (default en)")
+    parser.add_argument("--langs", default=None, help="comma-separated languages (default en; a suite: its own)")
     parser.add_argument("--split", default=None,
                         help="caption split (default test) or class-folder split val|train|all (default val)")
     parser.add_argument("--prompts", default="heldout", choices=D.PROMPT_PARTS,
@@ -353,25 +456,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_task(args: argparse.Namespace, encoder: Encoder, languages: list[str] | None) -> dict[str, Any]:
+    """The one task the command line asks for."""
+    from training.eval_suite import load_suite, run_suite
+
+    data_root = D.resolve_path(args.data_root or "../shared/data")
+    if args.suite:
+        suite = load_suite(args.suite)
+        return {**run_suite(encoder, suite, D.resolve_path(args.data_root or suite["data_root"]), languages),
+                "suite": str(args.suite)}
+    languages = languages or ["en"]
+    if args.free_text:
+        return evaluate_free_text(encoder, args.free_text, data_root, languages, split=args.split or "val")
+    if args.data is None:
+        raise RsmclipError("--data is missing; pass a class folder or caption file, or use --free-text or --suite")
+    if args.captions:
+        return evaluate_caption_csv(encoder, args.captions, args.data, split=args.split or "val")
+    return evaluate_data(
+        encoder, args.data, languages, images=args.images, translations=args.translations,
+        vocabulary=args.vocabulary, split=args.split, prompt_part=args.prompts,
+        max_images_per_class=args.max_images_per_class,
+    )
+
+
+def headline(result: dict[str, Any]) -> str:
+    """What the command prints once the results are written."""
+    from training.eval_suite import summary_table
+
+    if result["task"] == "suite":
+        return summary_table(result)
+    key = {"zero_shot": "mean_top1", "free_text": "mean_P@10"}.get(result["task"], "mean_recall")
+    value = result.get(key)
+    return f"{result['task']}: {key} {value if value is None else round(value, 4)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        languages = [x.strip() for x in args.langs.split(",") if x.strip()]
-        if not languages:
+        languages = [x.strip() for x in args.langs.split(",") if x.strip()] if args.langs is not None else None
+        if languages == []:
             raise RsmclipError("--langs is empty; pass e.g. en,pt")
+        if args.output.is_dir():
+            raise RsmclipError(f"-o {args.output} is a directory; give a .json file name")
         encoder = open_encoder(args.model, device=args.device, batch_size=args.batch_size)
-        result = evaluate_data(
-            encoder, args.data, languages, images=args.images, translations=args.translations,
-            vocabulary=args.vocabulary, split=args.split, prompt_part=args.prompts,
-            max_images_per_class=args.max_images_per_class,
-        )
-        result["model"] = str(args.model)
+        result = {**run_task(args, encoder, languages), "model": str(args.model)}
         write_results(args.output, result)
     except RsmclipError as exc:
         print(f"rsmclip-geo: error: {exc}", file=sys.stderr)
         return 2
-    summary = result.get("mean_top1") if result["task"] == "zero_shot" else result.get("mean_recall")
-    print(f"{result['task']}: {summary if summary is None else round(summary, 2)} -> {args.output}")
+    print(f"{headline(result)}\n-> {args.output}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: recall metrics on hand-made similarity matrices, zero-shot on real AID images with a real
-tiny checkpoint and its exported bundle (same numbers within export tolerance), output files, errors."""
+"""Evaluation: recall and P@k on hand-made score matrices, zero-shot on real AID images with a real tiny
+checkpoint and its exported bundle (same numbers within export tolerance), caption-CSV retrieval, free-text P@10
+and the suite on real AID / UCM images through the checked-in tiny bundle, output files, errors."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from training import data as D
+from rsmclip_geo.errors import RsmclipError
+from training.eval_suite import CachingEncoder, load_suite, run_suite
 from training.evaluate import (
     BundleEncoder,
     TorchEncoder,
     class_embeddings,
     confusion_matrix,
+    evaluate_caption_csv,
     evaluate_data,
+    evaluate_free_text,
+    precision_at_k,
     retrieval_metrics,
 )
 from training.model import create_model
@@ -171,3 +178,198 @@ def test_cli_errors_are_one_line(tmp_path, small_aid):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rsmclip-geo: error: --model") and message in lines[0]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_precision_at_k_hand_made():
+    scores = np.array([
+        [0.9, 0.8, 0.7, 0.6, 0.5],
+        [0.9, 0.8, 0.7, 0.6, 0.5],
+        [0.5, 0.5, 0.5, 0.1, 0.0],  # a three-way tie at the top
+    ])
+    relevant = np.array([
+        [1, 0, 1, 1, 0],
+        [1, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0],
+    ], dtype=bool)
+    left_out = np.zeros_like(relevant)
+    left_out[1, 1] = True  # query 1 drops its second-best item: its top 3 are then all relevant
+    assert precision_at_k(scores, relevant, 3).tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    assert precision_at_k(scores, relevant, 3, left_out).tolist() == pytest.approx([2 / 3, 1.0, 2 / 3])
+    # ties rank the irrelevant item first: in query 2's tie the one irrelevant item takes the top place
+    assert precision_at_k(scores, relevant, 1).tolist() == pytest.approx([1.0, 1.0, 0.0])
+    # k beyond the pool counts the missing places as misses
+    assert precision_at_k(scores, relevant, 10).tolist() == pytest.approx([0.3, 0.3, 0.2])
+    with pytest.raises(ValueError):
+        precision_at_k(scores, relevant[:2], 3)
+
+
+def link_classes(root: Path, source: Path, classes: dict[str, int]) -> None:
+    """``root/<class>`` with symlinks to the first ``n`` images of ``source/<class>``."""
+    for name, n in classes.items():
+        (root / name).mkdir(parents=True)
+        for path in sorted((source / name).iterdir())[:n]:
+            (root / name / path.name).symlink_to(path.resolve())
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, shared_data) -> Path:
+    """aid/{Beach,Forest} with 50 images each (10 val each) and ucm/{airplane,beach} with 25 each (5 val each),
+    plus ucm/captions.csv: the real captions of those UCM images, and a caption of one image of another class."""
+    root = tmp_path_factory.mktemp("data")
+    link_classes(root / "aid", shared_data / "aid", {"Beach": 50, "Forest": 50})
+    link_classes(root / "ucm", shared_data / "ucm", {"airplane": 25, "beach": 25})
+    with open(shared_data / "ucm" / "captions.csv", newline="", encoding="utf-8") as fh:
+        rows = [row for row in csv.reader(fh)][1:]
+    kept = [row for row in rows if (root / "ucm" / row[0]).exists()]
+    (root / "ucm" / "captions.csv").write_text(
+        "image,caption\n" + "".join(f"{image},{caption}\n" for image, caption in kept), encoding="utf-8")
+    return root
+
+
+def test_caption_csv_retrieval_on_the_captioned_val_images(tiny_bundle, data_root):
+    encoder = BundleEncoder(tiny_bundle)
+    root = data_root / "ucm"
+    result = evaluate_caption_csv(encoder, root / "captions.csv", root)
+    val = [path for path, _ in D.split_class_folder(root)["val"]]
+    captions = D.read_caption_csv(root / "captions.csv")
+    captioned = [path for path in val if path.relative_to(root).as_posix() in captions]
+    assert len(captioned) >= 8 and all(len(captions[p.relative_to(root).as_posix()]) == 5 for p in captioned)
+    assert result["task"] == "caption_retrieval" and result["split"] == "val"
+    assert (result["n_images"], result["n_captions"]) == (len(captioned), 5 * len(captioned))
+    # the same numbers as retrieval_metrics on the encoder's own similarity matrix
+    texts = [c for path in captioned for c in captions[path.relative_to(root).as_posix()]]
+    owners = [i for i, path in enumerate(captioned) for _ in captions[path.relative_to(root).as_posix()]]
+    expected = retrieval_metrics(encoder.encode_image_files(captioned) @ encoder.encode_texts(texts).T, owners)
+    assert {k: result[k] for k in expected} == pytest.approx(expected)
+    # 10 images: every caption finds its image within the top 10 (an image among 50 captions need not)
+    assert len(captioned) == 10 and result["t2i_R@10"] == 100.0
+    train = evaluate_caption_csv(encoder, root / "captions.csv", root, split="train")
+    assert train["n_images"] == 40 and train["n_captions"] == 200
+
+
+def test_caption_csv_refusals(tiny_bundle, data_root, tmp_path):
+    encoder = BundleEncoder(tiny_bundle)
+    root = data_root / "ucm"
+    stray = tmp_path / "stray.csv"
+    stray.write_text("image,caption\nairplane/airplane00.jpg,a plane .\nharbor/harbor00.jpg,boats .\n", encoding="utf-8")
+    with pytest.raises(RsmclipError, match=r"names 1 images that are not in .*harbor/harbor00.jpg"):
+        evaluate_caption_csv(encoder, stray, root)
+    headless = tmp_path / "headless.csv"
+    headless.write_text("airplane/airplane00.jpg,a plane .\n", encoding="utf-8")
+    with pytest.raises(RsmclipError, match="image,caption header"):
+        evaluate_caption_csv(encoder, headless, root)
+    none_val = tmp_path / "train_only.csv"
+    none_val.write_text("image,caption\nairplane/airplane00.jpg,a plane .\n", encoding="utf-8")
+    with pytest.raises(RsmclipError, match="has no caption of a val image"):
+        evaluate_caption_csv(encoder, none_val, root)
+
+
+def write_free_text(path: Path, descriptions: dict[str, dict]) -> Path:
+    path.write_text(yaml.safe_dump({"languages": ["en", "zh"], "descriptions": descriptions}, allow_unicode=True),
+                    encoding="utf-8")
+    return path
+
+
+FREE_TEXT = {
+    "sand_and_sea": {"relevant": ["aid/Beach", "ucm/beach"], "en": "waves on sand by the sea",
+                     "zh": "海边沙滩上的海浪"},
+    "trees_only": {"relevant": ["aid/Forest"], "ambiguous": ["aid/Beach", "ucm/airplane", "ucm/beach"],
+                   "en": "tree crowns close together", "zh": "紧挨在一起的树冠"},
+    "anything": {"relevant": ["aid/Beach", "aid/Forest", "ucm/airplane", "ucm/beach"],
+                 "en": "a tile seen from above", "zh": "从上方看到的图块"},
+}
+
+
+def test_free_text_precision_at_10(tiny_bundle, data_root, tmp_path):
+    encoder = CachingEncoder(BundleEncoder(tiny_bundle))
+    result = evaluate_free_text(encoder, write_free_text(tmp_path / "free.yaml", FREE_TEXT), data_root, ["en", "zh"])
+    assert result["pool"] == {"aid": 20, "ucm": 10} and len(encoder.images) == 30  # each pool image encoded once
+    described = result["per_description"]
+    assert {k: (v["n_relevant"], v["n_left_out"]) for k, v in described.items()} == {
+        "sand_and_sea": (15, 0), "trees_only": (10, 20), "anything": (30, 0)}
+    # known answers: every image relevant, or every image but the relevant ones left out
+    assert described["anything"]["P@10"] == {"en": 1.0, "zh": 1.0}
+    assert described["trees_only"]["P@10"] == {"en": 1.0, "zh": 1.0}
+    # sand_and_sea: the encoder's own ranking, counted here
+    pool = D.split_class_folder(data_root / "aid")["val"] + D.split_class_folder(data_root / "ucm")["val"]
+    image_emb = encoder.encode_image_files([p for p, _ in pool])
+    is_sand = np.array([label in ("Beach", "beach") for _, label in pool])
+    for lang in ("en", "zh"):
+        top = np.argsort(-(image_emb @ encoder.encode_texts([FREE_TEXT["sand_and_sea"][lang]])[0]))[:10]
+        assert described["sand_and_sea"]["P@10"][lang] == pytest.approx(is_sand[top].mean())
+        assert result["per_language"][lang]["P@10"] == pytest.approx(
+            np.mean([v["P@10"][lang] for v in described.values()]))
+    assert len(encoder.images) == 30
+
+
+@pytest.mark.parametrize("description, message", [
+    ({"relevant": ["aid/Beach", "aid/Nowhere"]}, "description 'few' names 'aid/Nowhere', which is not a class folder"),
+    ({"relevant": ["aid/Beach"], "ambiguous": ["ucm/Airplane"]}, "names 'ucm/Airplane', which is not a class folder"),
+    ({"relevant": ["mars/Crater"]}, "has no data set 'mars'"),
+])
+def test_free_text_refuses_unknown_classes(description, message, tiny_bundle, data_root, tmp_path):
+    free = write_free_text(tmp_path / "free.yaml", {**FREE_TEXT, "few": {**description, "en": "x", "zh": "y"}})
+    with pytest.raises(RsmclipError, match=message) as info:
+        evaluate_free_text(BundleEncoder(tiny_bundle), free, data_root, ["en"])
+    assert "\n" not in str(info.value)
+
+
+def test_free_text_refuses_a_description_with_fewer_than_10_relevant_images(tiny_bundle, data_root, tmp_path):
+    few = {"relevant": ["ucm/beach"], "en": "x", "zh": "y"}
+    free = write_free_text(tmp_path / "free.yaml", {**FREE_TEXT, "few": few})
+    out = tmp_path / "out.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--model", str(tiny_bundle), "--free-text", str(free),
+         "--data-root", str(data_root), "-o", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"rsmclip-geo: error: --free-text: description 'few' has 5 relevant val images under {data_root}, fewer "
+        "than 10; list more classes or drop it"]
+    assert not out.exists()
+
+
+def test_suite_encodes_each_image_once_and_writes_one_json(tiny_bundle, data_root, tmp_path):
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump({
+        "languages": ["en", "zh"], "data_root": str(data_root),
+        "zero_shot": {"aid": str(REPO / "training" / "vocab" / "aid_classes.yaml"), "ucm": None},
+        "captions": {"ucm": "captions.csv"}, "free_text": str(write_free_text(tmp_path / "free.yaml", FREE_TEXT)),
+    }), encoding="utf-8")
+    direct = run_suite(BundleEncoder(tiny_bundle), load_suite(suite_path), data_root)
+    assert direct["n_images_encoded"] == 30  # 20 AID + 10 UCM val images, used by zero-shot, captions and free text
+    assert direct["zero_shot"]["ucm"]["prompt_part"] == "heldout" and direct["zero_shot"]["aid"]["classes"] == [
+        "Beach", "Forest"]
+    out = tmp_path / "suite.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--model", str(tiny_bundle), "--suite", str(suite_path),
+         "-o", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    for part, figures in direct["summary"].items():
+        assert report["summary"][part] == pytest.approx(figures)
+    assert report["caption_retrieval"]["ucm"]["n_images"] == direct["caption_retrieval"]["ucm"]["n_images"]
+    assert set(report["free_text"]["per_language"]) == {"en", "zh"} and report["model"] == str(tiny_bundle)
+    assert "aid " in result.stdout and "mean recall" in result.stdout and "zh " in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["free.yaml", "suite.json", "suite.yaml"]
+
+
+def test_suite_gives_the_same_numbers_for_a_checkpoint_and_its_bundle(tiny_model, exported_bundle, data_root,
+                                                                      tmp_path):
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump({
+        "languages": ["en", "zh"], "zero_shot": {"aid": str(REPO / "training" / "vocab" / "aid_classes.yaml")},
+        "captions": {"ucm": "captions.csv"}, "free_text": str(write_free_text(tmp_path / "free.yaml", FREE_TEXT)),
+    }), encoding="utf-8")
+    suite = load_suite(suite_path)
+    a = run_suite(TorchEncoder(create_model(None, checkpoint=tiny_model.checkpoint)), suite, data_root)
+    b = run_suite(BundleEncoder(exported_bundle), suite, data_root)
+    assert a["n_images_encoded"] == b["n_images_encoded"] == 30
+    # one of 20 zero-shot predictions, one of 10 tiles of one description may flip on a near tie
+    for name, top1 in a["summary"]["zero_shot_mean_top1"].items():
+        assert abs(top1 - b["summary"]["zero_shot_mean_top1"][name]) <= 100 / 20 + 1e-9
+    for lang, value in a["summary"]["free_text_P@10"].items():
+        assert abs(value - b["summary"]["free_text_P@10"][lang]) <= 0.1 / 3 + 1e-9
+    assert a["caption_retrieval"]["ucm"]["n_captions"] == b["caption_retrieval"]["ucm"]["n_captions"] == 50
+    # one caption ranked on the other side of a near tie moves one of the six recalls by 100 / 50
+    recall_a, recall_b = a["summary"]["caption_mean_recall"]["ucm"], b["summary"]["caption_mean_recall"]["ucm"]
+    assert abs(recall_a - recall_b) <= 100 / 50 / 6 + 1e-9
