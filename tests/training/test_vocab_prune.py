@@ -154,3 +154,14 @@ def test_export_prunes_the_vocabulary_and_keeps_parity(tmp_path: Path, tiny_mode
     assert info["parity"]["tokenizer_mismatches"] == 0 and info["parity"]["text_min_cosine"] >= 0.99999
     assert Tokenizer.from_file(str(bundle / "tokenizer.json")).get_vocab_size() == pruning["kept_pieces"]
     assert f"vocab {pruning['kept_pieces']}" in info["architecture"]
+
+
+def test_export_refuses_an_unreadable_prune_text_and_writes_nothing(tmp_path: Path, tiny_model) -> None:
+    from training.export import export_bundle
+    from training.model import create_model
+
+    loaded = create_model(None, checkpoint=tiny_model.checkpoint)
+    (tmp_path / "captions.bin").write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(RsmclipError, match=r"^prune_texts=.*captions.bin: cannot read it as UTF-8 text"):
+        export_bundle(loaded, tmp_path / "out", prune_vocabulary=10, prune_texts=[tmp_path / "captions.bin"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.bin"]
