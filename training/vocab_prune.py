@@ -84,8 +84,11 @@ class PruningReport:
     whole_scripts: list[str] = field(default_factory=lambda: list(WHOLE_SCRIPTS))
 
     def as_dict(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
         return {"kept_pieces": self.kept_pieces, "full_pieces": self.full_pieces,
-                "corpus": {"wordfreq_words_per_language": self.words_per_language, "languages": self.languages,
+                "corpus": {"wordfreq_words_per_language": self.words_per_language, "wordfreq": version("wordfreq"),
+                           "languages": self.languages,
                            "vocabulary_files": sorted(path.name for path in VOCAB_DIR.glob("*.yaml")),
                            "texts": self.texts, "whole_scripts": self.whole_scripts,
                            "script_characters": sorted(SCRIPT_RANGES)}}
