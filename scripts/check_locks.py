@@ -21,7 +21,7 @@ LOCKS = ROOT / "locks"
 #: Extras installed into .venv (scripts/setup.sh) and so locked in locks/venv.txt.
 VENV_EXTRAS = ("train", "dev")
 #: Packages QGIS's own Python lacks, installed into .qgis-venv (the rest comes from Debian's python3-qgis stack).
-QGIS_VENV_PACKAGES = ("onnxruntime", "tokenizers", "pyarrow", "shapely", "pytest")
+QGIS_VENV_PACKAGES = ("onnxruntime", "tokenizers", "pyarrow", "shapely", "pystac", "pystac-client", "pytest")
 #: The environment locks/venv.txt is resolved for (markers are evaluated for it).
 VENV_ENVIRONMENT = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
                     "python_version": "3.11", "python_full_version": "3.11.0", "os_name": "posix",
