@@ -13,6 +13,7 @@ import numpy as np
 
 from rsmclip_geo.encoders import Model
 from rsmclip_geo.errors import QueryError
+from rsmclip_geo.queries import warn_unknown_queries
 from rsmclip_geo.raster import read_image
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,7 @@ def classify_images(model: Model, images: Sequence[str | os.PathLike], labels: S
     """Classify image files against labels, reading and encoding ``batch_size`` images at a time."""
     if not images:
         raise QueryError("IMAGE: give at least one image file")
-    for label in model.bundle.outside_vocabulary(labels):
-        log.warning("label %r contains no term model %r was trained on; its probability may be unreliable",
-                    label[:60], model.bundle.info.name)
+    warn_unknown_queries(model, labels, what="label", outcome="probability")
     text_embeddings = model.encode_texts(list(labels))
     step = batch_size or model.batch_size
     for start in range(0, len(images), step):

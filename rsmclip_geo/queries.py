@@ -13,6 +13,10 @@ from rsmclip_geo.errors import QueryError
 
 log = logging.getLogger(__name__)
 
+#: share of unknown tokens from which a free-text model is warned to have no basis for a text
+UNKNOWN_SHARE = 0.5
+
+
 def clean_queries(queries: str | Sequence[str]) -> list[str]:
     """Stripped queries; QueryError if none is left or one is empty."""
     items = [queries] if isinstance(queries, str) else list(queries)
@@ -32,11 +36,19 @@ def warn_long_queries(model, queries: Sequence[str]) -> None:
             log.warning("query %r… is longer than the model's %d tokens; it is truncated", query[:40], limit)
 
 
-def warn_unknown_queries(model, queries: Sequence[str]) -> None:
-    """Warn about queries sharing no term with the vocabulary the model was trained on."""
-    for query in model.bundle.outside_vocabulary(queries):
-        log.warning("query %r contains no term model %r was trained on; its ranking may be unreliable",
-                    query[:60], model.bundle.info.name)
+def warn_unknown_queries(model, queries: Sequence[str], what: str = "query", outcome: str = "ranking") -> None:
+    """Warn about texts the model has no basis for: with a term vocabulary (a model trained on class names),
+    texts sharing no term with it; without one (a free-text model), texts whose tokens are mostly unknown."""
+    name = model.bundle.info.name
+    if model.bundle.info.vocabulary:
+        for text in model.bundle.outside_vocabulary(queries):
+            log.warning("%s %r contains no term model %r was trained on; its %s may be unreliable",
+                        what, text[:60], name, outcome)
+        return
+    for text in queries:
+        if model.tokenizer.unknown_share(text) >= UNKNOWN_SHARE:
+            log.warning("%s %r is mostly characters model %r has no tokens for; its %s may be unreliable",
+                        what, text[:60], name, outcome)
 
 
 def query_templates(model, lang: str | None) -> tuple[str, ...]:

@@ -54,6 +54,14 @@ class TextTokenizer:
             ids[row, : len(encoding.ids)] = encoding.ids
         return ids
 
+    def unknown_share(self, text: str) -> float:
+        """Share of a text's tokens that are the unknown token (characters the tokenizer has no piece for);
+        bare word-start markers do not count."""
+        unknown = self._tokenizer.token_to_id("<unk>")
+        encoding = self._tokenizer.encode(clean_text(text), add_special_tokens=False)
+        ids = [i for i, token in zip(encoding.ids, encoding.tokens) if token != "▁"]
+        return ids.count(unknown) / len(ids) if unknown is not None and ids else 0.0
+
     def tokens(self, text: str) -> list[str]:
         """The token strings of one text (without start/end tokens), for vocabulary checks."""
         return self._tokenizer.encode(clean_text(text), add_special_tokens=False).tokens

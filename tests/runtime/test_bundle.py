@@ -184,3 +184,17 @@ def test_outside_vocabulary(tiny_bundle: Path, tmp_path: Path) -> None:
     edit_bundle_json(bundle, vocabulary="vocabulary.json")
     texts = ["International AIRPORT", "储油罐", "储油", "xyzzy"]
     assert load_bundle(bundle).outside_vocabulary(texts) == ["xyzzy"]
+
+
+def test_free_text_model_warns_only_for_text_it_has_no_tokens_for(tiny_bundle: Path, tmp_path: Path, caplog) -> None:
+    """A bundle without a term vocabulary (a free-text model) warns when most of a query's tokens are unknown."""
+    from rsmclip_geo import api
+
+    model = load_model(tiny_bundle)
+    assert model.tokenizer.unknown_share("𓀀𓀁𓀂 𓀃") == 1.0 and model.tokenizer.unknown_share("airport") == 0.0
+    image = tmp_path / "chip.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    with caplog.at_level("WARNING"):
+        api.classify([image], ["𓀀𓀁𓀂 𓀃", "airport", "аэропорт"], model=model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("label '𓀀𓀁𓀂 𓀃' is mostly characters model")
