@@ -416,7 +416,5 @@ class ChangeAlgorithm(RsmclipAlgorithm):
         return {OUTPUT: self.write_hits(parameters, context, feedback, result.changes, CHANGE_PROPERTIES)}
 
 
-ALGORITHMS = (IndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm, HeatmapAlgorithm,
-              ChangeAlgorithm)
 ALGORITHMS = (IndexAlgorithm, StacIndexAlgorithm, TextSearchAlgorithm, SimilarAlgorithm, FeedbackSearchAlgorithm,
-              HeatmapAlgorithm)
+              HeatmapAlgorithm, ChangeAlgorithm)
