@@ -22,6 +22,8 @@ from rasterio.transform import Affine
 PRIVATE_USER, PRIVATE_PASSWORD = "analyst", "hunter2-secret"
 #: nginx's secure_link secret of `signed/` links.
 LINK_SECRET = "link-secret"
+#: The bucket of the S3 server (moto) the runtime suite's ``s3`` fixture fills.
+S3_BUCKET = "scenes"
 
 
 def free_port() -> int:

@@ -36,16 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from rsmclip_geo.errors import RsmclipError
 from training import data as D
+from training import evaluate as E
 from training import features as FT
 from training.losses import DinoHead, SelfDistillationLoss, cosine_schedule, ema_update_, warmup_cosine_factor
 from training.model import save_checkpoint
 from training.pretrained import create_pretrained_model
-from training.train import merge_config
+from training.train import read_config
 
 log = logging.getLogger("training.locked")
 
@@ -349,30 +349,22 @@ class LockedTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Zero-shot top-1 per data set and language with the held-out wording; caption retrieval (UCM)."""
+        """Zero-shot top-1 per data set and language with the held-out wording; caption retrieval (UCM).
+
+        The figures of ``training.evaluate`` (same functions), computed on the stored validation features."""
         val, langs = self.splits["val"], self.config["data"]["languages"]
-        image = F.normalize(torch.cat([self.suffix(self.val_plain[i:i + 256].float())
-                                       for i in range(0, len(val.paths), 256)]), dim=-1).numpy()
-        encode = self.encode_texts
+        encoder = StoredFeatureEncoder(self)
         results: dict[str, Any] = {}
         for name, vocab in self.vocabularies.items():
             rows = [i for i, d in enumerate(val.dataset) if d == name]
-            classes = sorted({val.label[i] for i in rows})
-            true = np.array([classes.index(val.label[i]) for i in rows])
-            per_lang = {}
-            for lang in langs:
-                prompts = [vocab.prompts(c, lang, "heldout") for c in classes]
-                if not all(prompts):
-                    continue
-                class_emb = np.stack([_unit(encode(p).mean(0)) for p in prompts])
-                per_lang[lang] = float(100 * np.mean(np.argmax(image[rows] @ class_emb.T, 1) == true))
-            results[name] = {"per_language": per_lang, "mean_top1": float(np.mean(list(per_lang.values())))}
-            owners = [(k, cap) for k, i in enumerate(rows) for cap in val.captions[i]]
-            if owners:
-                from training.evaluate import retrieval_metrics
-
-                sim = image[rows] @ encode([cap for _, cap in owners]).T
-                results[name]["retrieval_en"] = retrieval_metrics(sim, [k for k, _ in owners])
+            pairs = [(val.paths[i], val.label[i]) for i in rows]
+            zero_shot = E.zero_shot_class_folder(encoder, pairs, sorted({label for _, label in pairs}), vocab, langs)
+            results[name] = {"per_language": {lang: v["top1"] for lang, v in zero_shot["per_language"].items()
+                                              if "top1" in v},
+                             "mean_top1": zero_shot["mean_top1"]}
+            items = [D.CaptionedImage(val.paths[i], {"en": val.captions[i]}) for i in rows if val.captions[i]]
+            if items:
+                results[name]["retrieval_en"] = E.retrieval_captions(encoder, items, ["en"])["per_language"]["en"]
         return results
 
     @torch.no_grad()
@@ -382,16 +374,31 @@ class LockedTrainer:
         return F.normalize(self.text_proj(torch.from_numpy(pooled).float()), dim=-1).numpy()
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+class StoredFeatureEncoder:
+    """``training.evaluate.Encoder`` over a trainer's stored validation features (no image is read again)."""
+
+    def __init__(self, trainer: LockedTrainer) -> None:
+        self.trainer = trainer
+        self.row = {path: i for i, path in enumerate(trainer.splits["val"].paths)}
+        self._images: np.ndarray | None = None
+
+    def encode_image_files(self, paths: Sequence[Path]) -> np.ndarray:
+        if self._images is None:
+            features, suffix = self.trainer.val_plain, self.trainer.suffix
+            with torch.no_grad():
+                self._images = F.normalize(torch.cat([suffix(features[i:i + 256].float())
+                                                      for i in range(0, len(features), 256)]), dim=-1).numpy()
+        return self._images[[self.row[Path(p)] for p in paths]]
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.trainer.encode_texts(texts)
 
 
 def load_config(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise RsmclipError(f"--config {path} cannot be read ({D.one_line(exc)})") from exc
-    return merge_config(DEFAULTS, raw)
+    config = read_config(path, DEFAULTS, "training/configs/e5-lite0.yaml")
+    if not config["model"]["config"]:
+        raise RsmclipError(f"--config {path}: model.config is missing; name a model config JSON")
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:

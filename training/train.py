@@ -124,29 +124,35 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # --------------------------------------------------------------------------- config
 
 
-def merge_config(defaults: dict, overrides: dict, where: str = "") -> dict:
-    """Deep-merge ``overrides`` into a copy of ``defaults``; unknown keys are an error."""
+def merge_config(defaults: dict, overrides: dict, where: str = "", example: str = "training/configs/rs-m-clip.yaml") -> dict:
+    """Deep-merge ``overrides`` into a copy of ``defaults``; unknown keys are an error naming ``example``."""
     merged = copy.deepcopy(defaults)
     for key, value in overrides.items():
         if key not in defaults:
-            raise RsmclipError(f"config key {where}{key} is unknown; see training/configs/rs-m-clip.yaml for the keys")
+            raise RsmclipError(f"config key {where}{key} is unknown; see {example} for the keys")
         if isinstance(defaults[key], dict) and isinstance(value, dict):
-            merged[key] = merge_config(defaults[key], value, f"{where}{key}.")
+            merged[key] = merge_config(defaults[key], value, f"{where}{key}.", example)
         else:
             merged[key] = value
     return merged
 
 
-def load_config(path: Path) -> dict:
+def read_config(path: Path, defaults: dict, example: str) -> dict:
+    """A training config YAML merged over ``defaults``; one-line errors for unreadable or non-mapping files."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise RsmclipError(f"--config {path} cannot be read ({D.one_line(exc)})") from exc
     if not isinstance(raw, dict):
         raise RsmclipError(f"--config {path} must be a YAML mapping")
-    config = merge_config(DEFAULT_CONFIG, raw)
+    config = merge_config(defaults, raw, example=example)
     if not config["data"]["datasets"]:
         raise RsmclipError(f"--config {path}: data.datasets is empty; list at least one dataset")
+    return config
+
+
+def load_config(path: Path) -> dict:
+    config = read_config(path, DEFAULT_CONFIG, "training/configs/rs-m-clip.yaml")
     if bool(config["model"]["name"]) == bool(config["model"]["config"]):
         raise RsmclipError(f"--config {path}: give exactly one of model.name and model.config")
     return config

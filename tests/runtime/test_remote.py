@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 import shutil
 
-import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 from cli_cases import run_cli_process
-from servers import PRIVATE_PASSWORD, PRIVATE_USER, DroppingProxy, Nginx, free_port, make_cog
+from servers import PRIVATE_PASSWORD, PRIVATE_USER, S3_BUCKET, DroppingProxy, make_cog
 
 from rsmclip_geo import api
 from rsmclip_geo.caches import cache_key
@@ -27,7 +25,6 @@ from rsmclip_geo.tiling import TilingParams
 PARAMS = TilingParams(tile_size=64)
 SIGNATURE = "X-Amz-Signature=deadbeefsecret&X-Amz-Credential=AKIDSECRET%2F20260101&X-Amz-Expires=600"
 SECRETS = ("deadbeefsecret", "AKIDSECRET", PRIVATE_PASSWORD)
-BUCKET = "scenes"
 
 
 @pytest.fixture(scope="module")
@@ -41,36 +38,6 @@ def cogs(shared_data, tmp_path_factory):
     (root / "private").mkdir()
     shutil.copy(root / "farm.tif", root / "private" / "farm.tif")
     return root
-
-
-@pytest.fixture(scope="module")
-def nginx(cogs, tmp_path_factory):
-    server = Nginx(cogs, tmp_path_factory.mktemp("nginx"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def moto_server():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3(moto_server, cogs, monkeypatch):
-    """A bucket on moto's S3 server holding farm.tif; GDAL and boto3 pointed at it through AWS_* variables."""
-    host, port = moto_server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                       "AWS_S3_ENDPOINT": f"{host}:{port}", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
-                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=BUCKET)
-    client.upload_file(str(cogs / "farm.tif"), BUCKET, "farm.tif")
-    return client
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +131,7 @@ def test_cache_key_follows_the_object(s3, cogs):
     first = open_scene("s3://scenes/farm.tif")
     key = cache_key(first, "bundle", PARAMS)
     assert first.revision and cache_key(open_scene("s3://scenes/farm.tif"), "bundle", PARAMS) == key
-    s3.upload_file(str(cogs / "colorado.tif"), BUCKET, "farm.tif")
+    s3.upload_file(str(cogs / "colorado.tif"), S3_BUCKET, "farm.tif")
     changed = open_scene("s3://scenes/farm.tif")
     assert changed.revision != first.revision and cache_key(changed, "bundle", PARAMS) != key
 

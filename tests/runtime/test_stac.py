@@ -13,9 +13,8 @@ import pytest
 import rasterio
 import rasterio.warp
 from cli_cases import assert_fails_cleanly, leftovers, run_cli
-from servers import Nginx, free_port, make_cog
+from servers import free_port, make_cog
 from stac_servers import PgStacApi, cog_item, collection_of, pgstac_missing, write_catalogue
-from test_remote import moto_server, s3  # noqa: F401 (moto's S3 server holding this module's farm.tif)
 
 from rsmclip_geo import api
 from rsmclip_geo.errors import RsmclipError
@@ -43,13 +42,6 @@ def cogs(shared_data, tmp_path_factory):
             make_cog(single, root / name)
             single.unlink()
     return root
-
-
-@pytest.fixture(scope="module")
-def nginx(cogs, tmp_path_factory):
-    server = Nginx(cogs, tmp_path_factory.mktemp("nginx"))
-    yield server
-    server.stop()
 
 
 def aerial_items(cogs, href) -> list[pystac.Item]:

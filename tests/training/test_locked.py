@@ -13,12 +13,13 @@ import torch
 from rsmclip_geo.errors import RsmclipError
 from training import features as FT
 from training import locked as L
+from training.train import merge_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(features: Path, **optim) -> dict:
-    return L.merge_config(L.DEFAULTS, {
+    return merge_config(L.DEFAULTS, {
         "seed": 1,
         "model": {"config": "training/configs/models/e5-small-efficientnet-lite0-128.json"},
         "locked": {"image_trunk": True},
@@ -98,6 +99,21 @@ def test_a_store_made_with_other_settings_is_refused(tmp_path) -> None:
         FT.open_store(tmp_path / "s", {"image_stage": 5})
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("data: {datasets: []}\n", "data.datasets is empty"),
+    ("data: {datasets: [{name: aid, root: x}]}\n", "model.config is missing"),
+    ("optim: {stepz: 3}\n", "optim.stepz is unknown; see training/configs/e5-lite0.yaml"),
+])
+def test_a_bad_config_is_one_line(tmp_path, capsys, text, message) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert L.main(["--config", str(path), "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_text_features_trim_padding_without_changing_them(trained) -> None:
     trainer, _ = trained
     texts = ["a harbour with ships", "停机坪上的飞机", "x"]
@@ -105,3 +121,18 @@ def test_text_features_trim_padding_without_changing_them(trained) -> None:
 
     expected = TorchEncoder(trainer.loaded).encode_texts(texts)
     np.testing.assert_allclose(trainer.encode_texts(texts), expected, atol=2e-3)
+
+
+def test_evaluation_on_stored_features_matches_the_model_on_the_images(trained) -> None:
+    trainer, _ = trained
+    from training.evaluate import TorchEncoder, zero_shot_class_folder
+
+    results = trainer.evaluate()
+    assert set(results) == {"aid", "ucm"} and set(results["aid"]["per_language"]) == {"en", "zh"}
+    assert results["ucm"]["retrieval_en"]["n_texts"] == 5 * 16 and "retrieval_en" not in results["aid"]
+    val = trainer.splits["val"]
+    pairs = [(p, label) for p, label, d in zip(val.paths, val.label, val.dataset) if d == "ucm"]
+    direct = zero_shot_class_folder(TorchEncoder(trainer.loaded), pairs, sorted({c for _, c in pairs}),
+                                    trainer.vocabularies["ucm"], ["en", "zh"])
+    for lang in ("en", "zh"):  # stored float16 features may move a near tie by one image of 16
+        assert abs(results["ucm"]["per_language"][lang] - direct["per_language"][lang]["top1"]) <= 100 / 16 + 1e-9
