@@ -96,7 +96,7 @@ def int8_image_bundle(fp32: Path, output: Path, calibration_images: Path | None 
     convert_precision(output / IMAGE_ONNX, "int8", calibration)
     info["name"] = f"{info['name']}-int8-image"
     info["precision"] = "int8"
-    info["quantization"] = {"image": quantization_method(calibration), "text": "not quantised"}
+    info["quantization"] = {"image": quantization_method("image", calibration), "text": "not quantised"}
     info["files"] = {p.name: sha256_file(p) for p in sorted(output.iterdir()) if p.name != BUNDLE_JSON}
     (output / BUNDLE_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return output

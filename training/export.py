@@ -55,6 +55,7 @@ PARITY_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 INT8_TOP1_GAP = 0.005
 TORCH_WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
+INT8_WEIGHT_BLOCK = 32  # input rows sharing one scale in a text tower's int8 MatMul weights
 CALIBRATION_IMAGES = 256  # images whose activations set the static int8 ranges
 CALIBRATION_BATCH = 32
 CALIBRATION_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -170,15 +171,18 @@ def set_onnx_metadata(path: Path, tower: str, info: dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def convert_precision(path: Path, precision: str, calibration: np.ndarray | None = None) -> None:
+def convert_precision(path: Path, precision: str, calibration: np.ndarray | None = None, *,
+                      weight_only: bool = False) -> None:
     """Rewrite an fp32 tower as fp16 (float32 inputs/outputs kept) or int8.
 
     int8 with ``calibration`` (float32 model inputs): static QDQ quantisation of every op ONNX Runtime
     quantises, convolutions included; activation ranges come from the calibration inputs, weights are
-    per channel, in the reduced 7-bit range that keeps CPUs without VNNI from saturating. int8 without
-    it: dynamic quantisation of the MatMul/Gemm weights, per channel (activations scaled per batch at run time;
-    per tensor, multilingual-e5-small's text tower fell to cosine 0.981), and of the embedding tables (Gather: a
-    text tower's word embeddings are most of its size).
+    per channel, in the reduced 7-bit range that keeps CPUs without VNNI from saturating. int8 with
+    ``weight_only`` (text towers): MatMul weights int8 in blocks of INT8_WEIGHT_BLOCK input rows
+    (MatMulNBits; activations stay float32, so attention's outliers are not rounded: dynamic quantisation
+    took multilingual-e5-small's text tower to cosine 0.971) and the embedding tables int8 per row. int8
+    otherwise: dynamic quantisation of the MatMul/Gemm weights, per channel (activations scaled per batch at
+    run time), and of the embedding tables (Gather).
     """
     import onnx
 
@@ -192,19 +196,27 @@ def convert_precision(path: Path, precision: str, calibration: np.ndarray | None
         onnx.save(proto, str(path))
     elif precision == "int8":
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         proto = onnx.load(str(path))
         del proto.graph.value_info[:]  # the exporter's stored shapes trip the quantiser's shape inference
         onnx.save(proto, str(path))
         quantized = path.with_name(path.stem + ".int8.onnx")
         with quiet_library_warnings("onnxruntime"):  # advice to run its pre-processing script
-            if calibration is None:
-                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=["MatMul", "Gemm", "Gather"])
-            else:
+            if calibration is not None:
                 quantize_static(str(path), str(quantized), _calibration_reader(proto.graph.input[0].name, calibration),
                                 quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            elif weight_only:
+                matmuls = MatMulNBitsQuantizer(proto, bits=8, block_size=INT8_WEIGHT_BLOCK, is_symmetric=True,
+                                               op_types_to_quantize=("MatMul",))
+                matmuls.process()
+                matmuls.model.save_model_to_file(str(path), use_external_data_format=False)
+                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["Gather"])
+            else:
+                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm", "Gather"])
         os.replace(quantized, path)
     else:
         raise RsmclipError(f"--precision {precision!r}: choose fp32, fp16 or int8")
@@ -228,8 +240,10 @@ def _calibration_reader(input_name: str, inputs: np.ndarray) -> Any:
     return Batches()
 
 
-def quantization_method(calibration: np.ndarray | None) -> str:
-    """How `convert_precision` quantises a tower to int8 with these calibration inputs (bundle.json's quantization)."""
+def quantization_method(tower: str, calibration: np.ndarray | None) -> str:
+    """How `convert_precision` quantises ``tower`` to int8 with these calibration inputs (bundle.json's quantization)."""
+    if tower == "text":
+        return f"weight-only: MatMul weights int8 in blocks of {INT8_WEIGHT_BLOCK}, embedding tables int8 per row"
     return "dynamic" if calibration is None else f"static, {len(calibration)} calibration images"
 
 
@@ -606,7 +620,7 @@ def export_bundle(
         raise RsmclipError(f"--model-card {model_card}: no such file; pass the Markdown model card to ship")
     calibration = calibration_pixels(calibration_images, info) if calibration_images is not None else None
     if precision == "int8":
-        info["quantization"] = {"image": quantization_method(calibration), "text": quantization_method(None)}
+        info["quantization"] = {tower: quantization_method(tower, calibration) for tower in ("image", "text")}
     output.parent.mkdir(parents=True, exist_ok=True)  # after every input check: bad input leaves nothing behind
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -614,7 +628,8 @@ def export_bundle(
         write_json(work / bundle_format.BUNDLE_JSON, info)
         _export_towers(loaded, work, info)
         for filename, tower in ((bundle_format.IMAGE_ONNX, "image"), (bundle_format.TEXT_ONNX, "text")):
-            convert_precision(work / filename, precision, calibration if tower == "image" else None)
+            convert_precision(work / filename, precision, calibration if tower == "image" else None,
+                              weight_only=tower == "text")
             set_onnx_metadata(work / filename, tower, info)
         parity = measure_parity(loaded, work, images, texts)
         log.info("parity: %s", parity)

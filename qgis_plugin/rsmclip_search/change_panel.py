@@ -102,10 +102,17 @@ class ChangeControls(QWidget):
 
         def work(progress, cancel):
             from rsmclip_geo.api import SearchParams, change
+            from rsmclip_geo.errors import RsmclipError
 
             model, indexes = index_layers(progress, cancel)
-            return change(*indexes, query, model=model, params=SearchParams(top_k=settings.change_top_k),
-                          direction=direction, threads=settings.threads or None)
+            try:
+                return change(*indexes, query, model=model, params=SearchParams(top_k=settings.change_top_k),
+                              direction=direction, threads=settings.threads or None)
+            except RsmclipError as exc:  # the core names the cached index files: name the layers instead
+                if exc.param not in ("before", "after"):
+                    raise
+                raise RsmclipError(named_by_layers(str(exc), indexes, (before, after)), param=exc.param,
+                                   value=exc.value) from exc
 
         name = (f"{query} {direction}" if query else "changes") + f", {before.name()} → {after.name()}"
         self.task = dock.run_task(f"Changes {before.name()} → {after.name()} (RS-M-CLIP)", work,
@@ -166,3 +173,10 @@ class ChangeControls(QWidget):
         """Cancel running work (plugin unload)."""
         if self.task is not None:
             self.task.cancel()
+
+
+def named_by_layers(message: str, indexes, layers) -> str:
+    """``message`` with each cached index path replaced by the name of the layer it indexes."""
+    for index, layer in zip(indexes, layers):
+        message = message.replace(str(index.path), f"layer {layer.name()!r}")
+    return message

@@ -23,6 +23,7 @@ from training.export import (
     convert_precision,
     export_bundle,
     main as export_main,
+    quantization_method,
 )
 from training.model import create_model
 
@@ -177,6 +178,28 @@ def test_int8_quantises_matmuls_and_stays_close(exported_bundle: Path, tmp_path:
     assert cos.min() >= 0.99 and not np.array_equal(a, b)
 
 
+def test_weight_only_int8_text_tower_keeps_float_activations(exported_bundle: Path, tmp_path: Path) -> None:
+    """A text tower's MatMul weights become 8-bit blocks (MatMulNBits) and its embedding table int8; no
+    activation is quantised, so the embeddings stay within rounding of the weights."""
+    path = tmp_path / "text.onnx"
+    path.write_bytes((exported_bundle / "text.onnx").read_bytes())
+    convert_precision(path, "int8", weight_only=True)
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert "MatMulNBits" in ops and not ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert all(attr.i == 8 for node in graph.node if node.op_type == "MatMulNBits"
+               for attr in node.attribute if attr.name == "bits")
+    quantized = {init.name for init in graph.initializer if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    assert any(node.input[0] in quantized for node in graph.node if node.op_type == "Gather")
+    ids = np.array([[0, 17, 250, 9, 2, 1, 1], [0, 33, 2, 1, 1, 1, 1]], dtype=np.int64)
+    fp32 = ort.InferenceSession(str(exported_bundle / "text.onnx"), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = fp32.get_inputs()[0].name
+    a, b = fp32.run(None, {name: ids})[0], int8.run(None, {name: ids})[0]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.999 and not np.array_equal(a, b)
+
+
 def test_static_int8_quantises_the_demo_models_convolutions_and_stays_close(shared_data: Path, tmp_path: Path) -> None:
     """Calibrated on AID images, the demo model's image tower gets int8 convolutions (QDQ) and embeds the
     probe images like fp32."""
@@ -209,7 +232,9 @@ def test_int8_export_with_calibration_images_passes_the_parity_gate(shared_data:
     loaded = create_model(demo / "open_clip_config.json", checkpoint=demo / "weights.safetensors")
     out = export_bundle(loaded, tmp_path / "int8", precision="int8", calibration_images=shared_data / "aid")
     info = load_bundle(out).info
-    assert info.raw["quantization"] == {"image": "static, 256 calibration images", "text": "dynamic"}
+    assert info.raw["quantization"] == {"image": "static, 256 calibration images",
+                                        "text": quantization_method("text", None)}
+    assert "weight-only" in info.raw["quantization"]["text"]
     assert info.parity["top1_score_gap"] <= INT8_TOP1_GAP and info.parity["image_min_cosine"] >= 0.99
     with pytest.raises(RsmclipError, match="--calibration-images applies to --precision int8 only"):
         export_bundle(loaded, tmp_path / "fp32", calibration_images=shared_data / "aid")
