@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "optim": {"steps": 2000, "batch_size": 256, "lr": 1e-3, "trunk_lr": 3e-4, "weight_decay": 0.05,
               "warmup_steps": 100, "min_lr_factor": 0.02},
-    "loss": {"distill_weight": 0.5, "out_dim": 4096, "hidden_dim": 512, "bottleneck_dim": 128, "head_layers": 3,
+    "loss": {"distill_weight": 0.5, "caption_instance_weight": 0.0, "out_dim": 4096, "hidden_dim": 512, "bottleneck_dim": 128, "head_layers": 3,
              "student_temp": 0.1, "teacher_temp": 0.04, "center_momentum": 0.9,
              "teacher_momentum": 0.99, "teacher_momentum_final": 1.0},
     "checkpoint": {"every_steps": 500},
@@ -85,6 +85,7 @@ class Split:
     concept: list[int] = field(default_factory=list)
     prompts: list[dict[str, list[str]]] = field(default_factory=list)  # train-part class prompts per language
     captions: list[list[str]] = field(default_factory=list)  # real captions (English)
+    weight: list[float] = field(default_factory=list)  # sampling weight (the data set's `weight`, default 1)
 
 
 def concept_name(dataset: str, label: str, aliases: dict[str, str]) -> str:
@@ -130,6 +131,7 @@ def load_splits(config: dict) -> tuple[dict[str, Split], dict[str, D.Vocabulary]
                 split.concept.append(concepts.index(concept))
                 split.prompts.append({lang: vocab.prompts(label, lang, "train") for lang in dcfg["languages"]})
                 split.captions.append(captions.get(path.relative_to(root).as_posix(), []))
+                split.weight.append(float(spec.get("weight", 1.0)))
     return splits, vocabularies, concepts
 
 
@@ -153,6 +155,8 @@ class LockedTrainer:
                 param.requires_grad_(True)
         clip.logit_scale.requires_grad_(True)
         self.splits, self.vocabularies, self.concepts = load_splits(config)
+        weights = np.array(self.splits["train"].weight)
+        self.sampling = None if np.all(weights == weights[0]) else weights / weights.sum()
         self._compute_features(stage)
 
         lcfg, ocfg = config["loss"], config["optim"]
@@ -224,27 +228,29 @@ class LockedTrainer:
 
     # ---- one step
 
-    def batch(self, step: int) -> tuple[np.ndarray, list[int]]:
-        """The images of step ``step`` and a caption (index into the text features) for each."""
+    def batch(self, step: int) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """The images of step ``step`` (drawn by data-set weight), a caption (index into the text features)
+        for each, and whether that caption is the image's own real caption."""
         train, dcfg, ocfg = self.splits["train"], self.config["data"], self.config["optim"]
         rng = np.random.default_rng([int(self.config["seed"]), step])
-        images = rng.choice(len(train.paths), size=int(ocfg["batch_size"]), replace=False)
-        captions = []
-        for i in images:
+        images = rng.choice(len(train.paths), size=int(ocfg["batch_size"]), replace=False, p=self.sampling)
+        captions, real_caption = [], np.zeros(len(images), dtype=bool)
+        for k, i in enumerate(images):
             real = train.captions[i]
             if real and rng.random() < float(dcfg["real_caption_rate"]):
                 captions.append(self.text_index[real[rng.integers(len(real))]])
+                real_caption[k] = True
                 continue
             langs = [lang for lang in dcfg["languages"] if train.prompts[i][lang]]
             prompts = train.prompts[i][langs[rng.integers(len(langs))]]
             captions.append(self.text_index[prompts[rng.integers(len(prompts))]])
-        return images, captions
+        return images, captions, real_caption
 
     def losses(self, step: int) -> dict[str, torch.Tensor]:
-        images, captions = self.batch(step)
-        concept = torch.tensor([self.splits["train"].concept[i] for i in images])
-        same = (concept[:, None] == concept[None, :]).float()
-        targets = same / same.sum(dim=1, keepdim=True)
+        images, captions, real_caption = self.batch(step)
+        text_targets = caption_targets([self.splits["train"].concept[i] for i in images], real_caption,
+                                       float(self.config["loss"]["caption_instance_weight"]))  # [caption, image]
+        image_targets = text_targets.T / text_targets.T.sum(dim=1, keepdim=True)
         text = F.normalize(self.text_proj(self.text_features[captions]), dim=-1)
         globals_ = self.train_global[images].float()  # [B, G, C, H, W]
         n_global = globals_.shape[1]
@@ -254,8 +260,8 @@ class LockedTrainer:
         clip_loss = 0.0
         for v in range(n_global):
             logits = scale * image[v] @ text.T
-            clip_loss = clip_loss + 0.5 * (-(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-                                           - (targets * F.log_softmax(logits.T, dim=1)).sum(1).mean())
+            clip_loss = clip_loss + 0.5 * (-(image_targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+                                           - (text_targets * F.log_softmax(logits.T, dim=1)).sum(1).mean())
         out = {"clip_loss": clip_loss / n_global}
         if self.distill:
             student = list(self.head(embedding).chunk(n_global))
@@ -392,6 +398,17 @@ class StoredFeatureEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.trainer.encode_texts(texts)
+
+
+def caption_targets(concepts: Sequence[int], real_caption: np.ndarray, instance_weight: float) -> torch.Tensor:
+    """Caption -> image targets [caption, image] of a batch (caption k belongs to image k), rows summing to 1:
+    a class caption's positives are the images of its concept; a real caption gives ``instance_weight`` to its
+    own image and the rest to its concept."""
+    concept = torch.tensor(list(concepts))
+    same = (concept[:, None] == concept[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    own = instance_weight * torch.from_numpy(np.asarray(real_caption)).float()[:, None]
+    return (1 - own) * targets + own * torch.eye(len(concept))
 
 
 def load_config(path: Path) -> dict:

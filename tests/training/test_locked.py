@@ -136,3 +136,25 @@ def test_evaluation_on_stored_features_matches_the_model_on_the_images(trained) 
                                     trainer.vocabularies["ucm"], ["en", "zh"])
     for lang in ("en", "zh"):  # stored float16 features may move a near tie by one image of 16
         assert abs(results["ucm"]["per_language"][lang] - direct["per_language"][lang]["top1"]) <= 100 / 16 + 1e-9
+
+
+def test_caption_targets_share_a_concept_and_favour_the_own_image_of_a_real_caption() -> None:
+    concepts, real = [3, 3, 5, 3], np.array([False, True, False, False])
+    plain = L.caption_targets(concepts, real, 0.0)
+    torch.testing.assert_close(plain, plain.T)
+    torch.testing.assert_close(plain[0], torch.tensor([1 / 3, 1 / 3, 0, 1 / 3]))
+    weighted = L.caption_targets(concepts, real, 0.7)
+    torch.testing.assert_close(weighted[1], torch.tensor([0.1, 0.8, 0, 0.1]))
+    torch.testing.assert_close(weighted[[0, 2, 3]], plain[[0, 2, 3]])
+    torch.testing.assert_close(weighted.sum(1), torch.ones(4))
+
+
+def test_data_set_weights_set_how_often_its_images_are_drawn(trained, features_dir, tmp_path) -> None:
+    config = tiny_config(features_dir)
+    config["data"]["datasets"][1]["weight"] = 4.0  # ucm: 32 of the 92 training images
+    trainer = L.LockedTrainer(config, tmp_path / "run")
+
+    def ucm_share(t: L.LockedTrainer) -> float:
+        drawn = np.concatenate([t.batch(step)[0] for step in range(20)])
+        return float(np.mean(np.array(t.splits["train"].dataset)[drawn] == "ucm"))
+    assert ucm_share(trained[0]) < 0.45 < 0.55 < ucm_share(trainer)
