@@ -61,13 +61,33 @@ def resize_weights(in_size: int, out_size: int, interpolation: str) -> np.ndarra
     return np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5)).astype(np.int64)
 
 
-def _resample(batch: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """Apply a fixed-point weight matrix along ``axis`` (1 = rows/height, 2 = columns/width) of [B,H,W,C]."""
-    if axis == 2:
-        acc = np.einsum("ow,bhwc->bhoc", weights, batch.astype(np.int64), optimize=True)
-    else:
-        acc = np.einsum("oh,bhwc->bowc", weights, batch.astype(np.int64), optimize=True)
-    acc += 1 << (_PRECISION_BITS - 1)
+@lru_cache(maxsize=64)
+def resize_taps(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero band of :func:`resize_weights`: input indices [out_size, K] and their weights [out_size, K]
+    (K = the widest filter; zero weights pad the narrower ones). int32 weights where every sum of 255 × weights
+    fits int32 (Pillow's filters do), int64 otherwise."""
+    weights = resize_weights(in_size, out_size, interpolation)
+    nonzero = weights != 0
+    first = nonzero.argmax(axis=1)
+    last = in_size - 1 - nonzero[:, ::-1].argmax(axis=1)
+    width = int((last - first + 1).max())
+    indices = np.clip(first, 0, in_size - width)[:, None] + np.arange(width)
+    taps = np.take_along_axis(weights, indices, axis=1)
+    bound = 255 * max(np.clip(taps, 0, None).sum(axis=1).max(), -np.clip(taps, None, 0).sum(axis=1).min())
+    fits = bound + (1 << (_PRECISION_BITS - 1)) < np.iinfo(np.int32).max
+    return indices, taps.astype(np.int32 if fits else np.int64)
+
+
+def _resample(batch: np.ndarray, in_size: int, out_size: int, interpolation: str, axis: int) -> np.ndarray:
+    """Resample uint8 [B,H,W,C] along ``axis`` (1 = rows/height, 2 = columns/width) with Pillow's fixed-point
+    filter: a sum over the filter's taps, in integers, so the result is Pillow's to the bit."""
+    indices, taps = resize_taps(in_size, out_size, interpolation)
+    shape = [1, 1, 1, 1]
+    shape[axis] = out_size
+    source = batch.astype(taps.dtype)
+    acc = np.full(1, 1 << (_PRECISION_BITS - 1), dtype=taps.dtype)
+    for k in range(indices.shape[1]):
+        acc = acc + np.take(source, indices[:, k], axis=axis) * taps[:, k].reshape(shape)
     return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
@@ -75,9 +95,9 @@ def resize_batch(batch: np.ndarray, height: int, width: int, interpolation: str 
     """Resize uint8 [B,H,W,C] to [B,height,width,C] like Pillow (horizontal pass first, uint8 in between)."""
     _, in_h, in_w, _ = batch.shape
     if in_w != width:
-        batch = _resample(batch, resize_weights(in_w, width, interpolation), axis=2)
+        batch = _resample(batch, in_w, width, interpolation, axis=2)
     if in_h != height:
-        batch = _resample(batch, resize_weights(in_h, height, interpolation), axis=1)
+        batch = _resample(batch, in_h, height, interpolation, axis=1)
     return batch
 
 
