@@ -24,7 +24,7 @@ from rsmclip_geo.files import sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-DEFAULT_MODEL = "rsmclip-demo-aid"
+DEFAULT_MODEL = "rsmclip-e5-lite0"
 BUNDLE_JSON = "bundle.json"
 IMAGE_ONNX = "image.onnx"
 TEXT_ONNX = "text.onnx"

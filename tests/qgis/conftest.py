@@ -47,11 +47,11 @@ def test_bundle() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_bundle() -> Path:
-    """The shipped default bundle rsmclip_geo/models/rsmclip-demo-aid (trained: rankings)."""
-    from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
+    """The demo bundle rsmclip_geo/models/rsmclip-demo-aid (trained: rankings)."""
+    from rsmclip_geo.bundle import find_bundles
 
-    found = [path for path in find_bundles() if path.name == DEFAULT_MODEL]
-    assert found, f"the bundled demo model {DEFAULT_MODEL} is missing from rsmclip_geo/models/"
+    found = [path for path in find_bundles() if path.name == "rsmclip-demo-aid"]
+    assert found, "the demo model rsmclip-demo-aid is missing from rsmclip_geo/models/"
     return found[0]
 
 

@@ -120,12 +120,12 @@ def test_tile_size_defaults_to_the_models(plugin):
 def test_model_default_sizes_tiles_to_the_models_ground_resolution(plugin, shared_data, test_bundle, cache_dir):
     """"model default" indexes with tile_size_m=auto when the bundle records input_gsd_m (the demo model: the
     0.35 m farm scene gets its short side, 686 px = 242 m), else with the bundle's default tile size."""
-    from rsmclip_geo.bundle import DEFAULT_MODEL, find_bundles
+    from rsmclip_geo.bundle import find_bundles
     from test_search_flow import index_layer, open_panel
 
     layer = add_raster(shared_data / "geotiff" / "pix4d_farm_rgba_35cm.tif")
     dock = open_panel(plugin)
-    demo = next(path for path in find_bundles() if path.name == DEFAULT_MODEL)
+    demo = next(path for path in find_bundles() if path.name == "rsmclip-demo-aid")
     index_layer(dock, layer, demo, tile_px=0)
     assert dock.index.tiling.tile_size_m == "auto" and dock.index.tiling.input_gsd_m == (4.6875, 75.0)
     assert set(dock.index.column("win_width").tolist()) == {686}

@@ -22,8 +22,18 @@ def model(tiny_bundle: Path):
     return load_model(tiny_bundle, threads=2)
 
 
+#: The demo model of 30 AID class names (fp32, 64 px): the rankings and vocabulary warnings of many tests.
+DEMO_MODEL = "rsmclip-demo-aid"
+
+
 @pytest.fixture(scope="session")
 def demo_model():
+    """The demo bundle rsmclip_geo/models/rsmclip-demo-aid loaded on the CPU."""
+    return load_model(REPO_ROOT / "rsmclip_geo" / "models" / DEMO_MODEL, providers=["cpu"])
+
+
+@pytest.fixture(scope="session")
+def default_model():
     """The shipped default bundle (rsmclip_geo/models/DEFAULT_MODEL) loaded on the CPU."""
     return load_model(REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL, providers=["cpu"])
 

@@ -124,8 +124,10 @@ def test_shipped_bundle_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("RSMCLIP_GEO_MODELS", raising=False)
     monkeypatch.setattr("rsmclip_geo.bundle.USER_MODELS_DIR", tmp_path / "none")
     assert main(["models", "--verify", "--json"]) == 0
-    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert line["name"] == "rsmclip-demo-aid" and line["default"] is True and line["torch_weights"] is True
+    lines = {line["name"]: line for line in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(lines) == {"rsmclip-e5-lite0", "rsmclip-demo-aid"} and not any("error" in line for line in lines.values())
+    assert lines["rsmclip-e5-lite0"]["default"] is True and lines["rsmclip-e5-lite0"]["torch_weights"] is False
+    assert lines["rsmclip-demo-aid"]["default"] is False and lines["rsmclip-demo-aid"]["torch_weights"] is True
 
 
 def test_labels_file_with_a_byte_order_mark(tiny_bundle: Path, shared_data: Path, tmp_path: Path,

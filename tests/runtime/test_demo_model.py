@@ -1,4 +1,5 @@
-"""The bundled demo model rsmclip-demo-aid at run time: the shipped bundle, and search on the demo scene."""
+"""The demo model rsmclip-demo-aid (30 AID class names; no longer the default) at run time: the bundle, and search on
+the demo scene."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import pytest
 import rasterio
 
 from rsmclip_geo import api
-from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
+from rsmclip_geo.bundle import load_bundle
 
 pytestmark = pytest.mark.usefixtures("package_models_only")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL
+BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / "rsmclip-demo-aid"
 MOSAIC = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic.tif"
 CELLS_CSV = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic_cells.csv"
 CELL = 150  # px per mosaic cell: the demo model's default tile size
@@ -49,8 +50,8 @@ def cell_of_class() -> dict[str, tuple[int, int]]:
         return {row["class"]: (int(row["col"]), int(row["row"])) for row in csv.DictReader(handle)}
 
 
-def test_default_model_is_the_shipped_demo_bundle() -> None:
-    bundle = load_bundle(None)
+def test_demo_bundle_is_intact() -> None:
+    bundle = load_bundle("rsmclip-demo-aid")
     assert bundle.path.resolve() == BUNDLE_DIR.resolve()
     bundle.verify()  # every file listed in bundle.json has its recorded sha256
     info = bundle.info

@@ -15,7 +15,7 @@ from cli_cases import assert_fails_cleanly, leftovers, run_cli
 from rasterio.transform import Affine
 from rasters import write_geotiff
 
-from rsmclip_geo.bundle import BundleInfo, DEFAULT_MODEL, load_bundle, read_bundle_info
+from rsmclip_geo.bundle import BundleInfo, load_bundle, read_bundle_info
 from rsmclip_geo.errors import BundleError, RsmclipError
 from rsmclip_geo.indexer import plan_index
 from rsmclip_geo.tile_index import IndexHeader
@@ -25,7 +25,7 @@ from rsmclip_geo.tiling import AUTO_TILE_SIZE, MIN_TILE_PX, TilingParams, tile_w
 pytestmark = pytest.mark.usefixtures("package_models_only")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_BUNDLE = REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL
+DEMO_BUNDLE = REPO_ROOT / "rsmclip_geo" / "models" / "rsmclip-demo-aid"
 MOSAIC = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic.tif"  # 900 × 750 px, 4 m
 # AID: 0.5–8 m per pixel at 600 px, seen by the demo model at 64 px
 DEMO_INPUT_GSD_M = (0.5 * 600 / 64, 8 * 600 / 64)
@@ -191,7 +191,7 @@ def test_cli_index_auto_sizes_each_scene_and_warns_once_per_scene(capsys, caplog
     pix4d = scene_path(shared_data, "pix4d_farm_rgba_35cm.tif")
     with caplog.at_level(logging.WARNING):
         result = run_cli(capsys, "index", MOSAIC, pix4d, colorado, "-o", out, "--tile-size-m", "auto",
-                         "--scales", "1,2,4", "--no-progress")
+                         "--scales", "1,2,4", "--no-progress", "--model", DEMO_BUNDLE)
     assert result.code == 0, result.err
     assert result.out.startswith(f"wrote {out}: 3 scenes")
     warned = resolution_warnings(caplog)

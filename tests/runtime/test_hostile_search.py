@@ -228,7 +228,8 @@ def test_hits_file_never_replaces_the_index(target, work, tiny_bundle, capsys):
 def test_classify_warns_about_labels_outside_the_vocabulary(shared_data, tmp_path, capsys, caplog):
     images = sorted((shared_data / "figs").glob("*.jpg"))
     out = tmp_path / "labels.jsonl"
-    result = run_cli(capsys, "classify", *images, "--labels", "airport", "储油罐", "xyzzy plugh", "--json", "-o", out)
+    result = run_cli(capsys, "classify", *images, "--labels", "airport", "储油罐", "xyzzy plugh", "--json", "-o", out,
+                     "--model", "rsmclip-demo-aid")
     assert result.code == 0 and len(out.read_text().splitlines()) == len(images)
     [warning] = warnings_about(caplog, "no term")
     assert warning.startswith("label 'xyzzy plugh' contains no term model 'rsmclip-demo-aid' was trained on")

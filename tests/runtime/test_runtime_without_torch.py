@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rsmclip_geo.bundle import DEFAULT_MODEL
 
 #: the shipped default bundle: it has the torch weights the torch backend loads
-SHIPPED_BUNDLE = Path(__file__).resolve().parents[2] / "rsmclip_geo" / "models" / DEFAULT_MODEL
+DEMO_BUNDLE = Path(__file__).resolve().parents[2] / "rsmclip_geo" / "models" / "rsmclip-demo-aid"  # has torch weights
 
 BLOCK_TORCH = '''
 import importlib.abc, sys
@@ -58,7 +57,7 @@ def test_torch_backend_says_what_to_install(shared_data: Path, tmp_path: Path) -
     image = str(sorted((shared_data / "figs").glob("*.jpg"))[0])
     code = ("import sys\nfrom rsmclip_geo.cli import main\n"
             f"sys.exit(main(['classify', {image!r}, '--labels', 'a', 'b', '--backend', 'torch',"
-            f" '--model', {str(SHIPPED_BUNDLE)!r}]))\n")
+            f" '--model', {str(DEMO_BUNDLE)!r}]))\n")
     result = run_blocked(tmp_path, code)
     assert result.returncode == 2
     assert result.stderr.startswith("rsmclip-geo: error: the torch backend needs torch")

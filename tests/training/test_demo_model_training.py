@@ -12,7 +12,7 @@ import pytest
 import rasterio
 import yaml
 
-from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
+from rsmclip_geo.bundle import load_bundle
 from training import data as D
 from training.demo_scene import CELL, COLUMNS, ROWS, build_demo_scene
 from training.evaluate import BundleEncoder, evaluate_data
@@ -22,7 +22,7 @@ from training.model import create_model
 pytestmark = pytest.mark.usefixtures("package_models_only")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / DEFAULT_MODEL
+BUNDLE_DIR = REPO_ROOT / "rsmclip_geo" / "models" / "rsmclip-demo-aid"
 VOCABULARY = REPO_ROOT / "training" / "vocab" / "aid_classes.yaml"
 MOSAIC = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic.tif"
 CELLS_CSV = REPO_ROOT / "rsmclip_geo" / "data" / "demo_aid_mosaic_cells.csv"
@@ -108,7 +108,7 @@ def test_heldout_names_use_only_words_of_the_training_captions_and_none_distinct
 
 
 def test_bundle_vocabulary_lists_the_training_class_names() -> None:
-    info = load_bundle(DEFAULT_MODEL).info
+    info = load_bundle(BUNDLE_DIR).info
     assert info.vocabulary == "vocabulary.json"
     known = json.loads((BUNDLE_DIR / info.vocabulary).read_text(encoding="utf-8"))
     vocab = D.load_vocabulary(VOCABULARY)
@@ -122,7 +122,7 @@ def test_bundle_vocabulary_lists_the_training_class_names() -> None:
 
 
 def test_parity_figures_in_bundle_json_hold_when_remeasured() -> None:
-    recorded = load_bundle(DEFAULT_MODEL).info.parity
+    recorded = load_bundle(BUNDLE_DIR).info.parity
     loaded = create_model(BUNDLE_DIR / "open_clip_config.json", checkpoint=BUNDLE_DIR / "weights.safetensors")
     images, texts = load_probes()
     measured = measure_parity(loaded, BUNDLE_DIR, images, texts)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from rsmclip_geo.bundle import DEFAULT_MODEL, load_bundle
+from rsmclip_geo.bundle import load_bundle
 from rsmclip_geo.encoders import load_model
 from rsmclip_geo.errors import RsmclipError
 from training.export import (
@@ -203,7 +203,7 @@ def test_weight_only_int8_text_tower_keeps_float_activations(exported_bundle: Pa
 def test_static_int8_quantises_the_demo_models_convolutions_and_stays_close(shared_data: Path, tmp_path: Path) -> None:
     """Calibrated on AID images, the demo model's image tower gets int8 convolutions (QDQ) and embeds the
     probe images like fp32."""
-    demo = load_bundle(DEFAULT_MODEL)
+    demo = load_bundle("rsmclip-demo-aid")
     info = demo.info.raw
     path = tmp_path / "image.onnx"
     path.write_bytes((demo.path / "image.onnx").read_bytes())
@@ -228,7 +228,7 @@ def _producers(graph, name: str) -> set[str]:
 
 
 def test_int8_export_with_calibration_images_passes_the_parity_gate(shared_data: Path, tmp_path: Path) -> None:
-    demo = load_bundle(DEFAULT_MODEL).path
+    demo = load_bundle("rsmclip-demo-aid").path
     loaded = create_model(demo / "open_clip_config.json", checkpoint=demo / "weights.safetensors")
     out = export_bundle(loaded, tmp_path / "int8", precision="int8", calibration_images=shared_data / "aid")
     info = load_bundle(out).info
