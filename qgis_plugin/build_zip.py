@@ -1,7 +1,7 @@
 """Build the installable plugin zip (Plugins > Manage and Install Plugins > Install from ZIP).
 
-The zip holds ``rsmclip_search/`` with the rsmclip_geo core (and its bundled models) vendored
-under ``rsmclip_search/vendor/``, so a zip install needs no separate install of the core.
+The zip holds ``rsmclip_search/`` with the rsmclip_geo core (and its default model, as the wheel does)
+vendored under ``rsmclip_search/vendor/``, so a zip install needs no separate install of the core.
 
     python qgis_plugin/build_zip.py [-o dist/rsmclip_search-<version>.zip]
 """
@@ -41,10 +41,21 @@ def core_version_string() -> str:
     return namespace["__version__"]
 
 
-def package_files(root: Path):
-    """Files under ``root`` that belong in the zip (no caches, no installed packages)."""
+def default_model() -> str:
+    """The core's DEFAULT_MODEL, read from rsmclip_geo/bundle.py without importing the core."""
+    for line in (CORE / "bundle.py").read_text(encoding="utf-8").splitlines():
+        if line.startswith("DEFAULT_MODEL = "):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise SystemExit("build_zip.py: no DEFAULT_MODEL in rsmclip_geo/bundle.py")
+
+
+def package_files(root: Path, models: str | None = None):
+    """Files under ``root`` that belong in the zip (no caches, no installed packages; of ``models/``, only the
+    bundle named ``models`` when given)."""
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
+        if models and relative.parts[0] == "models" and len(relative.parts) > 2 and relative.parts[1] != models:
+            continue
         if path.is_file() and not SKIP_DIRS.intersection(relative.parts[:-1]) and path.suffix not in SKIP_SUFFIXES:
             yield path, relative
 
@@ -58,7 +69,7 @@ def build(output: Path) -> Path:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for path, relative in package_files(PLUGIN):
                 archive.write(path, Path("rsmclip_search") / relative)
-            for path, relative in package_files(CORE):
+            for path, relative in package_files(CORE, default_model()):
                 archive.write(path, Path("rsmclip_search", "vendor", "rsmclip_geo") / relative)
         os.replace(tmp, output)
     except BaseException:

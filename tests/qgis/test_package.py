@@ -57,6 +57,9 @@ def test_zip_installs_with_vendored_core_and_loads_in_qgis(tmp_path):
     assert "rsmclip_search/__init__.py" in names
     assert "rsmclip_search/vendor/rsmclip_geo/search.py" in names
     assert not [n for n in names if "__pycache__" in n or "/packages/" in n]
+    models = {n.split("/")[4] for n in names if n.startswith("rsmclip_search/vendor/rsmclip_geo/models/")
+              and n.count("/") > 4}
+    assert models == {"rsmclip-e5-lite0"}  # the default model only, as in the wheel
     assert meta["general"]["qgisMinimumVersion"] == "3.22"
     assert f"rsmclip_search/{meta['general']['icon']}" in names
 
